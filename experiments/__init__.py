@@ -1,0 +1,1 @@
+"""attn experiments: tasks, data, training, evaluation, sweeps, comparison and benchmarks."""
