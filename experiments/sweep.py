@@ -1,0 +1,490 @@
+"""Run a config's grid of ablations, one isolated subprocess per point.
+
+A sweep is a config file that also defines `get_sweep()` (or `get_sweep(arg)`, receiving the
+same `:arg` string as `get_config`) returning the grid, either
+
+- a list of dicts of overrides (one dict per point), or
+- a dict of axis -> list of values (the cartesian product, axes in the order written).
+
+An override key is either a config field (`seed`, `train.steps`, `model.pe.max_wavelength`:
+any key that names a leaf of the config, passed as `--config.<key>=<value>`) or a structural
+choice of the config file (`task`, `pe`, `positions`, ...: merged into its `:arg` string as
+`key=value`, last one wins). Every point runs in its own workdir named after its overrides,
+e.g. `runs/x/task=reverse_string,pe=alibi,seed=0`, as a subprocess of
+
+    python -m experiments.main --mode train --config <file>:<arg> --workdir <point> --config.<k>=<v>
+
+so a crash or an out-of-memory kill in one point cannot take the sweep down. Points whose
+workdir holds `DONE` are skipped; unfinished ones are re-run, and the driver resumes them
+from their last checkpoint. A failed point does not stop the others: the sweep reports all
+failures at the end (printed and in `<workdir>/sweep_status.json`, written atomically after
+every change) and exits with status 1, and re-running the same command runs only what is
+not DONE.
+
+Seeds together: when the config file sets `sweep_vmap_seeds = True` (or a callable of the
+`:arg` returning it) or `--vmap_seeds` is given, points that differ only in `seed` run as
+one `python -m experiments.seeds` program that trains them under `jax.vmap` (DESIGN.md
+section 5) and writes the same per-seed workdirs.
+
+Usage:
+    python -m experiments.sweep --config configs/quickstart.py --workdir runs/quickstart \
+        [--parallel 2] [--only 'pe=(alibi|rope)'] [--vmap_seeds] [--dry_run] \
+        [--config.train.steps=100 ...]   # extra overrides applied to every point
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import inspect
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    # Stand-in until experiments.checkpoint.atomic_write_json lands (INTERFACES.md).
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+DRIVER = (sys.executable, "-m", "experiments.main", "--mode", "train")
+SEEDS_DRIVER = (sys.executable, "-m", "experiments.seeds")
+DONE = "DONE"
+STATUS_FILE = "sweep_status.json"
+LOG_FILE = "sweep.log"
+# Characters kept in a point's directory name; anything else becomes "_".
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start (bad config file or grid). One line."""
+
+
+def split_config_spec(spec: str) -> tuple[str, str | None]:
+    """'configs/x.py:a=1' -> ('configs/x.py', 'a=1'); no colon -> (path, None)."""
+    path, sep, arg = spec.partition(":")
+    return path, (arg if sep else None)
+
+
+def load_config_module(path: str):
+    """Import a config file by path, the way ml_collections' config flag does."""
+    if not os.path.isfile(path):
+        raise SweepError(f"--config: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"sweep_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call_with_arg(fn, arg: str | None):
+    """Call fn(arg) if it takes a parameter, fn() otherwise (ml_collections passes none)."""
+    if inspect.signature(fn).parameters:
+        return fn(arg) if arg is not None else fn()
+    return fn()
+
+
+def expand_grid(grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> list[dict]:
+    """A grid as a list of override dicts, or axes -> values expanded as a cartesian product."""
+    if isinstance(grid, Mapping):
+        for axis, values in grid.items():
+            if isinstance(values, str) or not isinstance(values, Sequence) or not values:
+                raise SweepError(f"get_sweep: axis {axis!r} needs a non-empty list of values")
+        axes = list(grid)
+        return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*grid.values())]
+    points = [dict(p) for p in grid]
+    if not points:
+        raise SweepError("get_sweep: the grid is empty")
+    return points
+
+
+def format_value(value: Any) -> str:
+    """How a value is written both in a point name and on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else ")")
+    return str(value)
+
+
+def point_name(overrides: Mapping[str, Any]) -> str:
+    """Readable, stable directory name: 'task=reverse_string,pe=alibi,seed=0'."""
+    parts = [f"{k}={format_value(v)}" for k, v in overrides.items()]
+    return _NAME_UNSAFE.sub("_", ",".join(parts)) or "default"
+
+
+def merge_arg(base: str | None, items: Mapping[str, Any]) -> str | None:
+    """Merge structural choices into a `k=v,k=v` config arg; grid values win over base ones."""
+    tokens = [t for t in (base or "").split(",") if t]
+    keyed = {t.partition("=")[0]: t for t in tokens}
+    for key, value in items.items():
+        keyed[key] = f"{key}={format_value(value)}"
+    merged = ",".join(keyed.values())
+    return merged or base
+
+
+def _leaf_exists(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return False
+    return not isinstance(node, Mapping) and not hasattr(node, "to_dict")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One grid point: where it runs and how its config is made."""
+
+    name: str
+    overrides: dict
+    workdir: Path
+    config_spec: str  # '<file>:<arg>' with the structural choices merged in
+    flags: tuple[str, ...]  # '--config.<key>=<value>' for config fields (seed included)
+    seed: Any = None
+
+    @property
+    def done(self) -> bool:
+        return (self.workdir / DONE).exists()
+
+
+def build_points(
+    config_spec: str, workdir: str | Path, extra_flags: Sequence[str] = (), only: str | None = None
+) -> tuple[list[Point], Any]:
+    """Read the config file's grid; return (points, config module)."""
+    path, arg = split_config_spec(config_spec)
+    module = load_config_module(path)
+    if not hasattr(module, "get_sweep"):
+        raise SweepError(f"--config: {path} defines no get_sweep(); it is not a sweep")
+    grid = expand_grid(_call_with_arg(module.get_sweep, arg))
+    base_config = _call_with_arg(module.get_config, arg)
+    points, seen = [], set()
+    for overrides in grid:
+        fields = {k: v for k, v in overrides.items() if _leaf_exists(base_config, k)}
+        structural = {k: v for k, v in overrides.items() if k not in fields}
+        dotted = [k for k in structural if "." in k]
+        if dotted:
+            raise SweepError(f"get_sweep: {dotted[0]!r} is not a field of the config from {path}")
+        point_arg = merge_arg(arg, structural)
+        name = point_name(overrides)
+        if name in seen:
+            raise SweepError(f"get_sweep: two points share the name {name!r}")
+        seen.add(name)
+        if only and not re.search(only, name):
+            continue
+        flags = tuple(f"--config.{k}={format_value(v)}" for k, v in fields.items())
+        points.append(
+            Point(
+                name=name,
+                overrides=dict(overrides),
+                workdir=Path(workdir) / name,
+                config_spec=path if point_arg is None else f"{path}:{point_arg}",
+                flags=flags + tuple(extra_flags),
+                seed=fields.get("seed"),
+            )
+        )
+    return points, module
+
+
+@dataclasses.dataclass
+class Job:
+    """One subprocess: a single point, or a group of seeds trained together."""
+
+    points: list[Point]
+    argv: list[str]
+    log: Path
+
+    @property
+    def label(self) -> str:
+        if len(self.points) == 1:
+            return self.points[0].name
+        return f"{group_key(self.points[0])} (seeds {','.join(str(p.seed) for p in self.points)})"
+
+
+def group_key(point: Point) -> str:
+    """The point's name without its seed: the points that vmapped seeds train together."""
+    return point_name({k: v for k, v in point.overrides.items() if k != "seed"})
+
+
+def make_jobs(
+    points: Sequence[Point],
+    *,
+    vmap_seeds: bool,
+    driver: Sequence[str] | None = None,
+    seeds_driver: Sequence[str] | None = None,
+) -> list[Job]:
+    """One job per unfinished point, or per group of unfinished seeds with vmap_seeds."""
+    driver, seeds_driver = driver or DRIVER, seeds_driver or SEEDS_DRIVER
+    todo = [p for p in points if not p.done]
+    if not vmap_seeds:
+        return [
+            Job(
+                [p],
+                [*driver, "--config", p.config_spec, "--workdir", str(p.workdir), *p.flags],
+                p.workdir / LOG_FILE,
+            )
+            for p in todo
+        ]
+    groups: dict[str, list[Point]] = {}
+    for p in todo:
+        groups.setdefault(group_key(p) if p.seed is not None else p.name, []).append(p)
+    jobs = []
+    for members in groups.values():
+        first = members[0]
+        if len(members) == 1:
+            jobs.extend(make_jobs(members, vmap_seeds=False, driver=driver))
+            continue
+        placeholder = "SEEDPLACEHOLDER"
+        name = point_name({**first.overrides, "seed": placeholder})
+        pattern = str(first.workdir.parent / name).replace(placeholder, "{seed}")
+        flags = [f for f in first.flags if not f.startswith("--config.seed=")]
+        argv = [
+            *seeds_driver,
+            "--config",
+            first.config_spec,
+            "--workdir",
+            pattern,
+            "--seeds",
+            ",".join(format_value(p.seed) for p in members),
+            *flags,
+        ]
+        jobs.append(Job(members, argv, first.workdir.parent / f"{group_key(first)}.{LOG_FILE}"))
+    return jobs
+
+
+def child_env(parallel: int) -> dict[str, str]:
+    """Environment for every point: ours, plus settings that let N programs share a machine."""
+    env = dict(os.environ)
+    if parallel > 1:
+        # Several programs on one accelerator must not each grab 75% of its memory.
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        if parallel >= (os.cpu_count() or 1):
+            # One XLA CPU thread pool per point; N pools of all cores only thrash.
+            env["XLA_FLAGS"] = (
+                env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+            ).strip()
+    return env
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+class Sweep:
+    """Runs jobs with at most `parallel` subprocesses alive; records every transition."""
+
+    def __init__(self, workdir: Path, points: Sequence[Point], *, config_spec: str, parallel: int):
+        self.workdir = Path(workdir)
+        self.parallel = max(1, parallel)
+        previous = _read_json(self.workdir / STATUS_FILE) or {}
+        # Points left out by --only keep what an earlier invocation recorded about them.
+        self.status = {
+            "config": config_spec,
+            "started": _now(),
+            "updated": _now(),
+            "points": previous.get("points", {}),
+        }
+        for p in points:
+            self.status["points"][p.name] = {
+                "status": "done" if p.done else "pending",
+                "workdir": str(p.workdir),
+                "overrides": p.overrides,
+            }
+        self.names = [p.name for p in points]
+
+    def _set(self, points: Sequence[Point], **fields) -> None:
+        for p in points:
+            self.status["points"][p.name].update(fields)
+        self.status["updated"] = _now()
+        atomic_write_json(self.workdir / STATUS_FILE, self.status)
+
+    def run(self, jobs: Sequence[Job], env: Mapping[str, str], timeout: float | None) -> None:
+        queue = list(jobs)
+        running: dict[subprocess.Popen, tuple[Job, float, Any]] = {}
+        self._set([])
+        try:
+            while queue or running:
+                while queue and len(running) < self.parallel:
+                    job = queue.pop(0)
+                    job.log.parent.mkdir(parents=True, exist_ok=True)
+                    log = open(job.log, "a")  # closed when the job ends
+                    log.write(f"\n=== {_now()} {shlex.join(job.argv)}\n")
+                    log.flush()
+                    proc = subprocess.Popen(
+                        job.argv,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**env, "ATTN_SWEEP_POINT": job.points[0].name},
+                        start_new_session=True,  # our Ctrl-C reaches children only through us
+                    )
+                    running[proc] = (job, time.monotonic(), log)
+                    self._set(job.points, status="running", command=job.argv, log=str(job.log))
+                    print(f"[sweep] start  {job.label}", flush=True)
+                for proc in list(running):
+                    job, start, log = running[proc]
+                    elapsed = time.monotonic() - start
+                    if proc.poll() is None:
+                        if timeout and elapsed > timeout:
+                            os.killpg(proc.pid, signal.SIGKILL)
+                            proc.wait()
+                            log.write(f"\n=== sweep: killed after {timeout:.0f} s timeout\n")
+                        else:
+                            continue
+                    log.close()
+                    del running[proc]
+                    self._finish(job, proc.returncode, elapsed)
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            for proc, (job, _, log) in running.items():
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                log.close()
+                self._set(job.points, status="interrupted")
+            raise
+
+    def _finish(self, job: Job, returncode: int, elapsed: float) -> None:
+        for p in job.points:
+            if returncode == 0 and p.done:
+                fields = {"status": "done", "returncode": 0, "error": None}
+            else:
+                why = "exited 0 without writing DONE" if returncode == 0 else _tail(job.log)
+                fields = {"status": "failed", "returncode": returncode, "error": why}
+            self._set([p], seconds=round(elapsed, 1), **fields)
+            mark = "done  " if fields["status"] == "done" else "FAILED"
+            print(f"[sweep] {mark} {p.name} ({elapsed:.0f} s)", flush=True)
+
+    def failures(self) -> dict[str, dict]:
+        """Points of this invocation that are not DONE."""
+        return {
+            n: self.status["points"][n]
+            for n in self.names
+            if self.status["points"][n]["status"] != "done"
+        }
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def run_sweep(
+    config_spec: str,
+    workdir: str | Path,
+    *,
+    parallel: int = 1,
+    only: str | None = None,
+    vmap_seeds: bool | None = None,
+    extra_flags: Sequence[str] = (),
+    timeout: float | None = None,
+    dry_run: bool = False,
+    driver: Sequence[str] | None = None,
+    seeds_driver: Sequence[str] | None = None,
+) -> dict:
+    """Run every unfinished point; return the status dict (also in workdir/sweep_status.json).
+
+    vmap_seeds=None reads the config file's `sweep_vmap_seeds`. `driver` is the command that
+    trains one point, DRIVER by default (tests substitute a stub).
+    """
+    points, module = build_points(config_spec, workdir, extra_flags, only)
+    if not points:
+        raise SweepError(f"--only: {only!r} matches no point of the grid")
+    if vmap_seeds is None:
+        wanted = getattr(module, "sweep_vmap_seeds", False)
+        vmap_seeds = bool(
+            _call_with_arg(wanted, split_config_spec(config_spec)[1])
+            if callable(wanted)
+            else wanted
+        )
+    jobs = make_jobs(points, vmap_seeds=vmap_seeds, driver=driver, seeds_driver=seeds_driver)
+    skipped = len(points) - sum(len(j.points) for j in jobs)
+    print(
+        f"[sweep] {len(points)} points in {workdir}: {skipped} already DONE, "
+        f"{sum(len(j.points) for j in jobs)} to run as {len(jobs)} programs, {parallel} at once",
+        flush=True,
+    )
+    if dry_run:
+        for job in jobs:
+            print(" ".join(job.argv))
+        return {}
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(Path(workdir), points, config_spec=config_spec, parallel=parallel)
+    sweep.run(jobs, child_env(parallel), timeout)
+    failed = sweep.failures()
+    sweep.status["failed"] = sorted(failed)
+    sweep._set([])
+    if failed:
+        print(f"[sweep] {len(failed)} of {len(points)} points FAILED:", flush=True)
+        for name, s in failed.items():
+            print(
+                f"  {name}: exit {s.get('returncode')}: {s.get('error')}\n    log: {s.get('log')}"
+            )
+        print("[sweep] re-run the same command to retry only the points that are not DONE")
+    else:
+        print(f"[sweep] all {len(points)} points DONE; status in {Path(workdir) / STATUS_FILE}")
+    return sweep.status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.sweep",
+        description="Run every point of a config's get_sweep() grid as an isolated subprocess.",
+        epilog="Extra --config.<field>=<value> arguments apply to every point.",
+    )
+    parser.add_argument("--config", required=True, help="config file with get_sweep(), [:arg]")
+    parser.add_argument("--workdir", required=True, help="root; one sub-directory per point")
+    parser.add_argument("--parallel", type=int, default=1, help="points running at once")
+    parser.add_argument("--only", default=None, help="regex; run only points whose name matches")
+    parser.add_argument(
+        "--vmap_seeds",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train seeds of one shape together under jax.vmap (default: the config's choice)",
+    )
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per program")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:
+        status = run_sweep(
+            args.config,
+            args.workdir,
+            parallel=args.parallel,
+            only=args.only,
+            vmap_seeds=args.vmap_seeds,
+            extra_flags=extra,
+            timeout=args.timeout,
+            dry_run=args.dry_run,
+        )
+    except SweepError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    return 1 if status.get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
