@@ -1,0 +1,361 @@
+"""Unit tests of experiments/checkpoint.py: atomic files, jsonl, the workdir lock, and the
+orbax Checkpointer (round trip, retention, tmp cleanup, corruption fallback, disk full,
+restore onto another mesh). Fast: tiny pytrees, no training."""
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from experiments import checkpoint as ck
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _state(seed: int = 0) -> dict:
+    model = nnx.Sequential(
+        nnx.Linear(8, 16, rngs=nnx.Rngs(seed)), nnx.Dropout(0.1, rngs=nnx.Rngs(dropout=seed))
+    )
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    return {
+        "model": nnx.state(model),
+        "opt": nnx.state(opt),
+        "step": jnp.asarray(seed, jnp.int32),
+        "rng": jax.random.key(seed),
+        "data_position": np.asarray(10 * seed, np.int64),
+    }
+
+
+def _assert_same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _largest_file(step_dir: Path) -> Path:
+    manifest = json.loads((step_dir / ck.MANIFEST).read_text())["files"]
+    return step_dir / max(manifest, key=lambda rel: manifest[rel]["bytes"])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_tmp(tmp_path):
+    path = tmp_path / "results.json"
+    ck.atomic_write_json(path, {"a": 1})
+    ck.atomic_write_json(path, {"a": 2, "b": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": 2, "b": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "table.md"
+    ck.atomic_write_text(path, "old\n")
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.os, "replace", no_space)
+    with pytest.raises(OSError):
+        ck.atomic_write_text(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+
+
+def test_jsonl_append_read_and_rewind_skip_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for step in range(1, 6):
+        ck.append_jsonl(path, {"step": step, "split": "train", "loss": 1.0 / step})
+    with open(path, "a") as f:
+        f.write('{"step": 6, "split": "tr')  # a kill mid-append
+    assert [r["step"] for r in ck.read_jsonl(path)] == [1, 2, 3, 4, 5]
+    assert ck.rewind_jsonl(path, 3) == 3
+    ck.append_jsonl(path, {"step": 4, "split": "train", "loss": 0.25})
+    assert [r["step"] for r in ck.read_jsonl(path)] == [1, 2, 3, 4]
+    assert path.read_text().count("\n") == 4
+
+
+def test_unwritable_workdir_is_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ck.RunError, match=r"^workdir .*file/run is not writable: ") as e:
+        ck.ensure_writable_dir(blocker / "run")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ck.RunError, match="not writable"):
+        ck.Checkpointer(blocker / "run", keep=2)
+
+
+def test_check_disk_space(tmp_path):
+    ck.check_disk_space(tmp_path, 1)
+    with pytest.raises(ck.RunError, match="MiB free"):
+        ck.check_disk_space(tmp_path / "not" / "yet", ck.free_bytes(tmp_path) + 2**40)
+
+
+def test_is_disk_full_follows_cause_chain():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise ValueError("tensorstore write failed") from inner
+    except ValueError as e:
+        assert ck.is_disk_full(e)
+    assert not ck.is_disk_full(ValueError("shape mismatch"))
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def test_workdir_lock_refuses_second_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from experiments.checkpoint import workdir_lock\n"
+            "with workdir_lock(sys.argv[1]):\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ck.RunError) as e:
+            with ck.workdir_lock(tmp_path):
+                pass
+        assert str(e.value) == (
+            f"workdir {tmp_path} is in use by process {holder.pid} (lock {tmp_path / '.lock'})"
+        )
+        # Another process index of the same run has its own lock file.
+        with ck.workdir_lock(tmp_path, process_index=1):
+            pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        with ck.workdir_lock(tmp_path) as lock:
+            assert lock.read_text().strip() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_workdir_lock_is_reentrant_after_release(tmp_path):
+    with ck.workdir_lock(tmp_path):
+        with pytest.raises(ck.RunError, match="is in use by process"):
+            with ck.workdir_lock(tmp_path):
+                pass
+    with ck.workdir_lock(tmp_path):
+        pass
+
+
+def test_stop_signals_sets_flag_instead_of_dying():
+    with ck.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 5
+        while stop.received is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert stop.received == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_round_trip_keep_last_n_and_manifest(tmp_path):
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        assert c.latest_step() is None
+        assert c.restore(_state(0)) == (None, None)
+        for step in (1, 2, 3):
+            assert c.save(step, _state(step))
+        assert not c.save(3, _state(3))  # never overwrites
+        c.wait()
+        assert c.all_steps() == [2, 3]
+        restored, step = c.restore(_state(0))
+        assert step == 3
+        _assert_same(restored, _state(3))
+        restored, step = c.restore(_state(0), step=2)
+        _assert_same(restored, _state(2))
+    for s in (2, 3):
+        assert ck.verify_step_dir(tmp_path / "checkpoints" / str(s)) is None
+    assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+
+
+def test_sync_save_is_committed_on_return(tmp_path):
+    c = ck.Checkpointer(tmp_path, keep=1, async_save=False)
+    c.save(7, _state(7))
+    assert ck.verify_step_dir(tmp_path / "checkpoints" / "7") is None
+    c.close()
+
+
+def test_stale_tmp_directory_of_killed_save_is_cleaned(tmp_path):
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        c.save(1, _state(1))
+    stale = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
+    (stale / "default").mkdir(parents=True)
+    (stale / "default" / "half_written").write_bytes(b"\0" * 10)
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        assert c.all_steps() == [1]
+        c.save(2, _state(2))
+        c.wait()
+        restored, step = c.restore(_state(0))
+    assert step == 2
+    _assert_same(restored, _state(2))
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "commit"])
+def test_corrupt_latest_falls_back_with_one_line(tmp_path, caplog, damage):
+    with ck.Checkpointer(tmp_path, keep=3) as c:
+        for step in (1, 2):
+            c.save(step, _state(step))
+    step_dir = tmp_path / "checkpoints" / "2"
+    victim = _largest_file(step_dir)
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:7])
+    elif damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif damage == "manifest":
+        (step_dir / ck.MANIFEST).unlink()
+    else:
+        (step_dir / ck.COMMIT_MARKER).unlink()
+    caplog.set_level(logging.WARNING, logger=ck.__name__)
+    with ck.Checkpointer(tmp_path, keep=3) as c:
+        restored, step = c.restore(_state(0))
+        assert step == 1
+        _assert_same(restored, _state(1))
+        # Training goes on and saves step 2 again without colliding with the bad one.
+        assert c.save(2, _state(2))
+    lines = [r.getMessage() for r in caplog.records if r.name == ck.__name__]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith("checkpoint step 2 is unreadable (")
+    assert "; falling back to step 1" in lines[0]
+    quarantined = list((tmp_path / ck.QUARANTINE).iterdir())
+    assert len(quarantined) == 1 and quarantined[0].name.startswith("2-")
+    assert (quarantined[0] / "QUARANTINED.txt").exists()
+    assert ck.verify_step_dir(tmp_path / "checkpoints" / "2") is None
+
+
+def test_explicit_bad_step_is_an_error_and_all_bad_starts_over(tmp_path, caplog):
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        c.save(1, _state(1))
+    victim = _largest_file(tmp_path / "checkpoints" / "1")
+    victim.write_bytes(b"")
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        with pytest.raises(ck.RunError, match=r"checkpoint step 1 .* is unreadable \(.*truncated"):
+            c.restore(_state(0), step=1)
+        assert (tmp_path / "checkpoints" / "1").exists()
+        caplog.set_level(logging.WARNING, logger=ck.__name__)
+        assert c.restore(_state(0)) == (None, None)
+        assert c.latest_step() is None
+    assert "no earlier good checkpoint" in caplog.records[-1].getMessage()
+    assert len(list((tmp_path / ck.QUARANTINE).iterdir())) == 1
+
+
+def test_restore_into_a_changed_state_is_a_run_error_not_a_quarantine(tmp_path):
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        c.save(1, {"w": jnp.zeros((4,))})
+        with pytest.raises(ck.RunError, match="does not fit this run's state"):
+            c.restore({"w": jnp.zeros((5,))})
+    assert ck.verify_step_dir(tmp_path / "checkpoints" / "1") is None
+
+
+def test_disk_full_during_async_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    c = ck.Checkpointer(tmp_path, keep=1)
+    c.save(1, _state(1))
+    c.wait()
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The last write of a save, on orbax's background thread, hits a full disk.
+    monkeypatch.setattr(ck, "atomic_write_json", disk_full)
+    c.save(2, _state(2))
+    with pytest.raises(ck.RunError) as e:
+        c.wait()
+    assert str(e.value) == (
+        f"disk full while saving checkpoint step 2 in workdir {tmp_path}; "
+        "the previous checkpoint (step 1) is intact"
+    )
+    monkeypatch.undo()
+    assert ck.verify_step_dir(tmp_path / "checkpoints" / "1") is None
+    c.close()
+    with ck.Checkpointer(tmp_path, keep=1) as c:
+        restored, step = c.restore(_state(0))
+    assert step == 1
+    _assert_same(restored, _state(1))
+
+
+def _can_mount_tmpfs(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(exist_ok=True)
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)]).returncode
+        == 0
+    )
+
+
+def test_disk_full_on_a_real_tiny_filesystem(tmp_path):
+    mnt = tmp_path / "tiny"
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("needs root to mount a 4 MiB tmpfs; the monkeypatched case above still runs")
+    noise = np.random.default_rng(0).standard_normal
+    try:
+        c = ck.Checkpointer(mnt, keep=2)
+        c.save(1, {"w": noise((64, 1024)).astype(np.float32)})  # 256 KiB
+        c.wait()
+        with pytest.raises(ck.RunError) as e:
+            c.save(2, {"w": noise((1024, 1024)).astype(np.float32)})  # 4 MiB cannot fit
+            c.wait()
+        assert str(e.value) == (
+            f"disk full while saving checkpoint step 2 in workdir {mnt}; "
+            "the previous checkpoint (step 1) is intact"
+        )
+        assert ck.verify_step_dir(mnt / "checkpoints" / "1") is None
+        c.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path):
+    devices = np.array(jax.devices())
+    assert devices.size == 8
+    mesh_a = Mesh(devices.reshape(8, 1), ("data", "model"))
+    mesh_b = Mesh(devices.reshape(2, 4), ("data", "model"))
+    w = jnp.arange(8 * 16, dtype=jnp.float32).reshape(8, 16)
+    state = {"w": jax.device_put(w, NamedSharding(mesh_a, P("data", None))), "step": jnp.int32(3)}
+    with ck.Checkpointer(tmp_path, keep=1) as c:
+        c.save(3, state)
+    target = NamedSharding(mesh_b, P(None, "model"))
+    abstract = {
+        "w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=target),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh_b, P())),
+    }
+    with ck.Checkpointer(tmp_path, keep=1) as c:
+        restored, step = c.restore(abstract)
+        single, _ = c.restore({"w": jnp.zeros_like(w), "step": jnp.int32(0)})
+    assert step == 3
+    assert restored["w"].sharding == target
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(single["w"]), np.asarray(w))
