@@ -52,13 +52,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_json(path: Path, obj) -> None:
-    # Stand-in until experiments.checkpoint.atomic_write_json lands (INTERFACES.md).
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
+from experiments.checkpoint import atomic_write_json
 
 DRIVER = (sys.executable, "-m", "experiments.main", "--mode", "train")
 SEEDS_DRIVER = (sys.executable, "-m", "experiments.seeds")

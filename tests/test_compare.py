@@ -1,0 +1,136 @@
+"""Tests for experiments/compare.py on hand-made run directories (no training, no JAX)."""
+
+import csv
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from experiments import compare
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TRAIN_LEN = 8
+LENGTHS = (4, 8, 16, 32)
+
+
+def _write_run(path, *, task, variant, seed, acc_by_length, losses=(2.0, 1.5)):
+    path.mkdir(parents=True)
+    per_length = {
+        str(n): {"loss": 1.0 - a, "token_acc": a, "seq_acc": a / 2}
+        for n, a in acc_by_length.items()
+    }
+    results = {
+        "config": {},
+        "task": task,
+        "variant": variant,
+        "seed": seed,
+        "step": 100,
+        "train_max_length": TRAIN_LEN,
+        "per_length": per_length,
+        "summary": {"id_mean": None, "ood_mean": None, "metric": "token_acc"},
+        "date": "",
+    }
+    (path / "results.json").write_text(json.dumps(results))
+    rows = [{"step": i, "split": "train", "loss": loss} for i, loss in enumerate(losses)]
+    rows.append({"step": 2, "split": "eval", "length": 4, "token_acc": 0.5})
+    text = "\n".join(json.dumps(r) for r in rows) + '\n{"step": 3, "spl'  # torn last line
+    (path / "metrics.jsonl").write_text(text)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """2 tasks x 2 variants x 3 seeds (one variant of one task has 2), nested like sweeps."""
+    rng = np.random.default_rng(0)
+    truth = {}
+    for task in ("parity_check", "reverse_string"):
+        for variant in ("alibi", "rope"):
+            seeds = (0, 1) if (task, variant) == ("reverse_string", "rope") else (0, 1, 2)
+            for seed in seeds:
+                accs = {n: float(rng.uniform(0.3, 1.0)) for n in LENGTHS}
+                name = f"task={task},pe={variant},seed={seed}"
+                _write_run(
+                    tmp_path / "runs" / task / name,
+                    task=task,
+                    variant=variant,
+                    seed=seed,
+                    acc_by_length=accs,
+                    losses=(2.0, 0.1 * (seed + 1)),
+                )
+                truth.setdefault((task, variant), []).append((name, accs, 0.1 * (seed + 1)))
+    (tmp_path / "runs" / "not_a_run").mkdir()
+    return tmp_path / "runs", truth
+
+
+def _png_ok(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+
+
+def test_table_values_match_independent_statistics(runs, tmp_path, capsys):
+    root, truth = runs
+    out = tmp_path / "report"
+    assert compare.main([str(root), "--out", str(out)]) == 0
+    with open(out / "table.csv") as f:
+        table = {(r["task"], r["variant"]): r for r in csv.DictReader(f)}
+    assert set(table) == set(truth)
+    for key, members in truth.items():
+        ood = [np.mean([a[n] for n in LENGTHS if n > TRAIN_LEN]) for _, a, _ in members]
+        ind = [np.mean([a[n] for n in LENGTHS if n <= TRAIN_LEN]) for _, a, _ in members]
+        row = table[key]
+        assert int(row["n"]) == len(members)
+        assert float(row["ood_mean"]) == pytest.approx(sum(ood) / len(ood))
+        assert float(row["ood_std"]) == pytest.approx(
+            (sum((x - sum(ood) / len(ood)) ** 2 for x in ood) / (len(ood) - 1)) ** 0.5
+        )
+        assert float(row["id_mean"]) == pytest.approx(sum(ind) / len(ind))
+        assert float(row["best_ood"]) == pytest.approx(max(ood))
+        assert row["best_run"] == members[int(np.argmax(ood))][0]
+        assert float(row["train_loss"]) == pytest.approx(np.mean([m[2] for m in members]))
+        assert float(row["len_16_mean"]) == pytest.approx(np.mean([a[16] for _, a, _ in members]))
+    md = (out / "table.md").read_text()
+    assert "### parity_check" in md and "### reverse_string" in md
+    row = table[("parity_check", "alibi")]
+    assert f"{100 * float(row['ood_mean']):.1f} ± {100 * float(row['ood_std']):.1f}" in md
+    _png_ok(out / "length_curves.png")
+    printed = capsys.readouterr().out
+    assert "best on parity_check:" in printed and "best on reverse_string:" in printed
+
+
+def test_lower_is_better_metric_picks_the_minimum(runs, tmp_path):
+    root, truth = runs
+    report = compare.compare([root], tmp_path / "r", metric="loss")
+    for row in report["rows"]:
+        ood = [
+            np.mean([1.0 - a[n] for n in LENGTHS if n > TRAIN_LEN])
+            for _, a, _ in truth[(row.task, row.variant)]
+        ]
+        assert row.best_ood == pytest.approx(min(ood))
+    first = {r.task: r for r in reversed(report["rows"])}
+    for task, best in compare.best_per_task(report["rows"]).items():
+        assert best.ood_mean <= first[task].ood_mean
+
+
+def test_single_run_has_no_std_and_missing_runs_fail_cleanly(tmp_path, capsys):
+    _write_run(
+        tmp_path / "one", task="copy", variant="none", seed=0, acc_by_length={4: 1.0, 16: 0.25}
+    )
+    report = compare.compare([tmp_path / "one"], tmp_path / "r")
+    (row,) = report["rows"]
+    assert (row.n, row.ood_std, row.ood_mean, row.id_mean) == (1, None, 0.25, 1.0)
+    assert "| none | 1 | 100.0 | 25.0 |" in (tmp_path / "r" / "table.md").read_text()
+    assert compare.main([str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
+def test_plot_attention_on_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 6, 6))
+    weights = {i: np.exp(logits[i]) / np.exp(logits[i]).sum(-1, keepdims=True) for i in range(2)}
+    weights[1] = weights[1][None]  # BHLS is accepted too
+    path = compare.plot_attention(
+        weights, tmp_path / "attention_x.png", title="x", tokens=list("abcdef")
+    )
+    _png_ok(path)
