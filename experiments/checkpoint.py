@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from attn.registry import ConfigError
@@ -322,6 +323,8 @@ def _abstract_leaf(x):
         return x
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, np.generic | int | float):
+        return np.asarray(x)  # orbax restores scalars only as 0-d arrays
     return x
 
 

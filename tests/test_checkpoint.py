@@ -37,6 +37,7 @@ def _state(seed: int = 0) -> dict:
         "step": jnp.asarray(seed, jnp.int32),
         "rng": jax.random.key(seed),
         "data_position": np.asarray(10 * seed, np.int64),
+        "epoch": np.int64(seed),
     }
 
 
