@@ -1,0 +1,41 @@
+"""Task registry: formal languages (Deletang et al. 2023), algorithmic prompt->answer tasks
+(Kazemnejad et al. 2023) and byte-level text corpora (Press et al. 2022 evaluation).
+
+`REGISTRY[name]` is a Task class with `DEFAULTS` (its config fields, including the training
+length distribution and evaluation lengths); `build(cfg)` turns a config task block
+`{"name": ..., **DEFAULTS}` into a Task. Special ids are shared by every task and layout:
+PAD=0, BOS=1, SEP=2 (also EOS), BLANK=3; task symbols start at NUM_SPECIAL=4.
+"""
+
+from attn.registry import lookup
+from experiments.tasks import algorithmic, formal, text
+from experiments.tasks.base import BLANK, BOS, EOS, NUM_SPECIAL, PAD, SEP, Task
+
+REGISTRY: dict[str, type[Task]] = {
+    cls.NAME: cls for cls in (*formal.TASKS, *algorithmic.TASKS, *text.TASKS)
+}
+
+
+def default_config(name: str) -> dict:
+    """The config block for task `name`: {"name": name, **DEFAULTS}."""
+    return {"name": name, **lookup(REGISTRY, name, "task.name").DEFAULTS}
+
+
+def build(cfg) -> Task:
+    """Build the task named by cfg["name"] with the remaining fields as its config."""
+    cfg = dict(cfg)
+    return lookup(REGISTRY, cfg["name"], "task.name")(cfg)
+
+
+__all__ = [
+    "BLANK",
+    "BOS",
+    "EOS",
+    "NUM_SPECIAL",
+    "PAD",
+    "REGISTRY",
+    "SEP",
+    "Task",
+    "build",
+    "default_config",
+]

@@ -1,0 +1,197 @@
+"""Task base class, special token ids and training-length distributions.
+
+A task maps a nominal length n to batches of (input, output, output_mask) in *task-symbol
+space* (0..alphabet_size-1); `experiments.input_pipeline` shifts them by NUM_SPECIAL and lays
+them out for the encoder / decoder / seq2seq batch formats of INTERFACES.md.
+
+Determinism: `example(seed, index, length)` draws from
+`np.random.default_rng([seed, index, length, task_id, EXAMPLE_STREAM])`, so the same
+(seed, index, length) always gives the same example, whatever else is generated around it.
+Training batches are drawn as a whole (vectorised) from a generator seeded by (seed, step),
+see input_pipeline; `sample` is the one generator both paths share.
+
+Length distributions (Deletang et al. 2023 train on n ~ U{1..40}, one n per batch):
+  "fixed"       n = max_length;
+  "uniform"     n ~ U{min_length..max_length};
+  "curriculum"  n ~ U{min_length..m(step)}, m growing linearly from min_length to max_length
+                over curriculum_steps steps (then flat).
+"""
+
+import zlib
+
+import numpy as np
+
+from attn.registry import ConfigError
+
+PAD, BOS, SEP, BLANK = 0, 1, 2, 3
+EOS = SEP
+NUM_SPECIAL = 4
+
+EXAMPLE_STREAM = 1
+BATCH_STREAM = 2
+LENGTH_STREAM = 3
+
+LENGTH_KINDS = ("fixed", "uniform", "curriculum")
+
+
+def task_id(name: str) -> int:
+    """Stable 32-bit id of a task name (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
+class Task:
+    """Base class. Subclasses set NAME, FAMILY, ALPHABET, OUTPUT_ALPHABET, METRIC, LAYOUTS.
+
+    Subclasses implement `input_length(n)`, `output_length(n)` and
+    `sample(rng, n, batch) -> (input_BN, output_BM, mask_BM)` in task-symbol space, with
+    fixed shapes for a given n (so batches need no per-row padding).
+    """
+
+    NAME = ""
+    FAMILY = ""
+    ALPHABET = 2  # input symbols, as published; outputs share ids 0..OUTPUT_ALPHABET-1
+    OUTPUT_ALPHABET = 2
+    METRIC = "token_acc"
+    LAYOUTS = ("encoder", "decoder", "seq2seq")
+    DEFAULTS: dict = {
+        "train_lengths": "uniform",
+        "min_length": 1,
+        "max_length": 40,
+        "curriculum_steps": 0,
+        "eval_lengths": (41, 50, 60, 80, 100, 150, 200, 300, 400, 500),
+    }
+
+    def __init__(self, cfg: dict | None = None):
+        merged = dict(self.DEFAULTS)
+        for key, value in dict(cfg or {}).items():
+            if key == "name":
+                continue
+            if key not in merged:
+                raise ConfigError(
+                    f"task.{key}: unknown field for task {self.NAME!r}; "
+                    f"allowed: {', '.join(sorted(merged))}"
+                )
+            merged[key] = value
+        self.cfg = merged
+        self.id = task_id(self.NAME)
+        self._validate_lengths()
+
+    def _validate_lengths(self) -> None:
+        kind = self.cfg["train_lengths"]
+        if kind not in LENGTH_KINDS:
+            raise ConfigError(
+                f"task.train_lengths: unknown kind {kind!r}; allowed: {', '.join(LENGTH_KINDS)}"
+            )
+        lo, hi = int(self.cfg["min_length"]), int(self.cfg["max_length"])
+        if not 1 <= lo <= hi:
+            raise ConfigError(
+                f"task.min_length/max_length: need 1 <= min_length <= max_length; got {lo}, {hi}"
+            )
+        if kind == "curriculum" and int(self.cfg["curriculum_steps"]) <= 0:
+            raise ConfigError("task.curriculum_steps: must be > 0 for train_lengths='curriculum'")
+
+    @property
+    def name(self) -> str:
+        return self.NAME
+
+    @property
+    def family(self) -> str:
+        return self.FAMILY
+
+    @property
+    def metric(self) -> str:
+        return self.METRIC
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        return self.LAYOUTS
+
+    @property
+    def alphabet_size(self) -> int:
+        return max(self.ALPHABET, self.OUTPUT_ALPHABET)
+
+    @property
+    def vocab_size(self) -> int:
+        return NUM_SPECIAL + self.alphabet_size
+
+    @property
+    def chance(self) -> float | None:
+        """Token accuracy of uniform guessing over the output alphabet."""
+        return 1.0 / self.OUTPUT_ALPHABET
+
+    @property
+    def max_train_length(self) -> int:
+        return int(self.cfg["max_length"])
+
+    def train_length(self, seed: int, step: int) -> int:
+        """Nominal length of the batch at `step`; a pure function of (seed, step)."""
+        kind = self.cfg["train_lengths"]
+        lo, hi = int(self.cfg["min_length"]), int(self.cfg["max_length"])
+        if kind == "fixed":
+            return hi
+        if kind == "curriculum":
+            frac = min(1.0, step / int(self.cfg["curriculum_steps"]))
+            hi = lo + int(round(frac * (hi - lo)))
+        rng = np.random.default_rng([seed, step, self.id, LENGTH_STREAM])
+        return int(rng.integers(lo, hi + 1))
+
+    def input_length(self, n: int) -> int:
+        return n
+
+    def output_length(self, n: int) -> int:
+        return 1
+
+    def sample(self, rng: np.random.Generator, n: int, batch: int):
+        raise NotImplementedError
+
+    def batch(self, rng: np.random.Generator, n: int, batch: int):
+        """Checked `sample`: int32 arrays of the declared shapes."""
+        if n < 1:
+            raise ValueError(f"length must be >= 1, got {n}")
+        x, y, m = self.sample(rng, n, batch)
+        x = np.asarray(x, np.int32)
+        y = np.asarray(y, np.int32)
+        m = np.asarray(m, bool)
+        assert x.shape == (batch, self.input_length(n)), (self.NAME, x.shape)
+        assert y.shape == m.shape == (batch, self.output_length(n)), (self.NAME, y.shape)
+        return x, y, m
+
+    def example(self, seed: int, index: int, length: int) -> dict:
+        """One example, deterministic in (seed, index, length); ids are task ids + NUM_SPECIAL."""
+        rng = np.random.default_rng([seed, index, length, self.id, EXAMPLE_STREAM])
+        x, y, m = self.batch(rng, length, 1)
+        return {"input": x[0] + NUM_SPECIAL, "output": y[0] + NUM_SPECIAL, "output_mask": m[0]}
+
+
+def full_mask(batch: int, m: int) -> np.ndarray:
+    return np.ones((batch, m), bool)
+
+
+def mask_through_terminator(out_BM: np.ndarray, terminator: int) -> np.ndarray:
+    """True up to and including the first terminator (Deletang's accuracy_mask)."""
+    is_term = out_BM == terminator
+    first = np.where(is_term.any(1), is_term.argmax(1), out_BM.shape[1] - 1)
+    return np.arange(out_BM.shape[1])[None, :] <= first[:, None]
+
+
+def random_bits(rng: np.random.Generator, shape) -> np.ndarray:
+    return rng.integers(0, 2, size=shape, dtype=np.int32)
+
+
+class Uniforms:
+    """Pre-drawn uniforms consumed one at a time: cheap scalar draws for recursive samplers."""
+
+    def __init__(self, rng: np.random.Generator, size: int):
+        self._rng = rng
+        self._size = max(16, size)
+        self._buf = rng.random(self._size)
+        self._i = 0
+
+    def integer(self, low: int, high: int) -> int:
+        """Uniform integer in [low, high)."""
+        if self._i == self._size:
+            self._buf = self._rng.random(self._size)
+            self._i = 0
+        u = self._buf[self._i]
+        self._i += 1
+        return low + int(u * (high - low))

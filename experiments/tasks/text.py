@@ -1,0 +1,114 @@
+"""Byte-level language modelling on real text (Press et al. 2022 evaluation protocol).
+
+Press, Smith and Lewis, "Train Short, Test Long" (arXiv 2108.12409): train on windows of L
+tokens, evaluate perplexity on non-overlapping chunks of longer lengths. The corpus is the
+TFDS dataset `attn_text` (tfds_builders.AttnText): by default this Python's standard library
+sources, or any directory of text files (`source` field). Tokens are bytes 0..255 shifted by
+NUM_SPECIAL; documents of a split are concatenated with EOS between them, so windows and
+chunks may cross document boundaries (as in WikiText-103 LM practice).
+
+Training windows of length L + 1 start at offsets drawn uniformly from the train stream by
+the batch generator of (seed, step). Evaluation chunk i covers tokens [iL, (i+1)L] of the
+eval split's stream (L inputs, L targets).
+"""
+
+import numpy as np
+
+from experiments.tasks.base import EOS, NUM_SPECIAL, Task
+
+BYTES = 256
+
+
+class _Chunks:
+    """Random-access view of non-overlapping (L + 1)-token chunks of a stream."""
+
+    def __init__(self, stream: np.ndarray, length: int, limit: int | None):
+        self._stream, self._length = stream, length
+        count = max(0, (len(stream) - 1) // length)
+        self._count = count if limit is None else min(count, limit)
+
+    def __len__(self):
+        return self._count
+
+    def __getitem__(self, i):
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        start = i * self._length
+        return self._stream[start : start + self._length + 1]
+
+
+class TextLM(Task):
+    """Byte-level LM over a text corpus; nominal length = context length in tokens."""
+
+    NAME = "text"
+    FAMILY = "text"
+    METRIC = "ppl"
+    LAYOUTS = ("decoder",)
+    ALPHABET = OUTPUT_ALPHABET = BYTES
+    DEFAULTS = {
+        "train_lengths": "fixed",
+        "min_length": 512,
+        "max_length": 512,
+        "curriculum_steps": 0,
+        "eval_lengths": (512, 1024, 2048, 4096, 8192, 16384),
+        "source": "stdlib",
+        "pattern": "*.py",
+        "data_dir": "",
+        "eval_split": "validation",
+    }
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self._streams: dict[tuple[str, str | None], np.ndarray] = {}
+
+    @property
+    def chance(self):
+        return None
+
+    def builder(self, data_dir=None):
+        from experiments.tasks import tfds_builders
+
+        return tfds_builders.text_builder(
+            self.cfg["source"],
+            pattern=self.cfg["pattern"],
+            data_dir=data_dir or self.cfg["data_dir"] or None,
+        )
+
+    def stream(self, split: str, data_dir=None) -> np.ndarray:
+        """All documents of `split` as one int32 token stream, EOS after each document."""
+        key = (split, data_dir)
+        if key not in self._streams:
+            builder = self.builder(data_dir)
+            builder.download_and_prepare()
+            source = builder.as_data_source(split=split)
+            parts = []
+            for i in range(len(source)):
+                parts.append(source[i]["bytes"].astype(np.int32) + NUM_SPECIAL)
+                parts.append(np.array([EOS], np.int32))
+            self._streams[key] = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return self._streams[key]
+
+    def train_windows(self, rng: np.random.Generator, n: int, batch: int) -> np.ndarray:
+        stream = self.stream("train")
+        if len(stream) < n + 1:
+            raise ValueError(f"text: train split has {len(stream)} tokens < window {n + 1}")
+        start = rng.integers(0, len(stream) - n, size=batch)
+        return stream[start[:, None] + np.arange(n + 1)[None, :]]
+
+    def eval_chunks(self, length: int, *, data_dir=None, limit: int | None = None) -> _Chunks:
+        return _Chunks(self.stream(self.cfg["eval_split"], data_dir), length, limit)
+
+    def sample(self, rng, n, batch):
+        raise TypeError("text: use train_windows / eval_chunks (no input/output pairs)")
+
+    def example(self, seed, index, length):
+        """Window of length + 1 tokens of the eval split at a (seed, index)-determined offset."""
+        stream = self.stream(self.cfg["eval_split"])
+        rng = np.random.default_rng([seed, index, length, self.id])
+        start = int(rng.integers(0, len(stream) - length))
+        window = stream[start : start + length + 1]
+        empty = np.zeros(0, np.int32)
+        return {"input": window, "output": empty, "output_mask": empty.astype(bool)}
+
+
+TASKS = (TextLM,)
