@@ -42,7 +42,7 @@ def task_id(name: str) -> int:
 class Task:
     """Base class. Subclasses set NAME, FAMILY, ALPHABET, OUTPUT_ALPHABET, METRIC, LAYOUTS.
 
-    Subclasses implement `input_length(n)`, `output_length(n)` and
+    Subclasses implement `input_length(n)`, `output_length(n)` and either `draw` + `solve` or
     `sample(rng, n, batch) -> (input_BN, output_BM, mask_BM)` in task-symbol space, with
     fixed shapes for a given n (so batches need no per-row padding).
     """
@@ -141,8 +141,18 @@ class Task:
     def output_length(self, n: int) -> int:
         return 1
 
-    def sample(self, rng: np.random.Generator, n: int, batch: int):
+    def draw(self, rng: np.random.Generator, n: int, batch: int) -> np.ndarray:
+        """Random inputs (batch, input_length(n)) for tasks that define `solve`."""
         raise NotImplementedError
+
+    def solve(self, x_BN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(output, output_mask) of task-symbol inputs, for tasks whose answer is a function
+        of the input alone; worked examples and checkers call it directly."""
+        raise NotImplementedError
+
+    def sample(self, rng: np.random.Generator, n: int, batch: int):
+        x = self.draw(rng, n, batch)
+        return (x, *self.solve(x))
 
     def batch(self, rng: np.random.Generator, n: int, batch: int):
         """Checked `sample`: int32 arrays of the declared shapes."""

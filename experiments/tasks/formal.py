@@ -42,10 +42,12 @@ class EvenPairs(FormalTask):
 
     NAME, LEVEL = "even_pairs", "R"
 
-    def sample(self, rng, n, batch):
-        s = random_bits(rng, (batch, n))
-        y = (np.sum(s[:, 1:] != s[:, :-1], axis=1) % 2)[:, None]
-        return s, y, full_mask(batch, 1)
+    def draw(self, rng, n, batch):
+        return random_bits(rng, (batch, n))
+
+    def solve(self, x):
+        y = (np.sum(x[:, 1:] != x[:, :-1], axis=1) % 2)[:, None]
+        return y, full_mask(len(x), 1)
 
 
 class ParityCheck(FormalTask):
@@ -53,9 +55,11 @@ class ParityCheck(FormalTask):
 
     NAME, LEVEL = "parity_check", "R"
 
-    def sample(self, rng, n, batch):
-        s = random_bits(rng, (batch, n))
-        return s, (s.sum(1) % 2)[:, None], full_mask(batch, 1)
+    def draw(self, rng, n, batch):
+        return random_bits(rng, (batch, n))
+
+    def solve(self, x):
+        return (x.sum(1) % 2)[:, None], full_mask(len(x), 1)
 
 
 class CycleNavigation(FormalTask):
@@ -68,9 +72,11 @@ class CycleNavigation(FormalTask):
     NAME, LEVEL = "cycle_navigation", "R"
     ALPHABET, OUTPUT_ALPHABET = 3, 5
 
-    def sample(self, rng, n, batch):
-        a = rng.integers(0, 3, size=(batch, n), dtype=np.int32)
-        return a, ((a - 1).sum(1) % 5)[:, None], full_mask(batch, 1)
+    def draw(self, rng, n, batch):
+        return rng.integers(0, 3, size=(batch, n), dtype=np.int32)
+
+    def solve(self, x):
+        return ((x - 1).sum(1) % 5)[:, None], full_mask(len(x), 1)
 
 
 MOD_PLUS, MOD_MINUS, MOD_TIMES = 5, 6, 7
@@ -91,20 +97,23 @@ class ModularArithmetic(FormalTask):
     def input_length(self, n):
         return n if n % 2 else n - 1
 
-    def sample(self, rng, n, batch):
+    def draw(self, rng, n, batch):
         k = self.input_length(n) // 2  # number of operators
-        d = rng.integers(0, 5, size=(batch, k + 1), dtype=np.int32)
-        ops = rng.integers(MOD_PLUS, MOD_TIMES + 1, size=(batch, k), dtype=np.int32)
         x = np.empty((batch, 2 * k + 1), np.int32)
-        x[:, ::2], x[:, 1::2] = d, ops
-        total = np.zeros(batch, np.int64)
-        term = d[:, 0].astype(np.int64)
-        for i in range(k):
+        x[:, ::2] = rng.integers(0, 5, size=(batch, k + 1))
+        x[:, 1::2] = rng.integers(MOD_PLUS, MOD_TIMES + 1, size=(batch, k))
+        return x
+
+    def solve(self, x):
+        d, ops = x[:, ::2].astype(np.int64), x[:, 1::2]
+        total = np.zeros(len(x), np.int64)
+        term = d[:, 0]
+        for i in range(ops.shape[1]):
             op, v = ops[:, i], d[:, i + 1]
             times = op == MOD_TIMES
             total = np.where(times, total, total + term)
             term = np.where(times, term * v, np.where(op == MOD_MINUS, -v, v)) % 5
-        return x, ((total + term) % 5)[:, None], full_mask(batch, 1)
+        return ((total + term) % 5)[:, None], full_mask(len(x), 1)
 
 
 # ------------------------------------------------------------------ deterministic context-free
@@ -127,16 +136,18 @@ class StackManipulation(FormalTask):
     def output_length(self, n):
         return n + 1
 
-    def sample(self, rng, n, batch):
+    def draw(self, rng, n, batch):
         if n == 1:
-            v = random_bits(rng, (batch, 1))
-            y = np.concatenate([v, np.full((batch, 1), STACK_END, np.int32)], 1)
-            return v, y, full_mask(batch, 2)
+            return random_bits(rng, (batch, 1))
         stack_len = rng.integers(1, n, size=batch)
         bits = random_bits(rng, (batch, n))
         acts = rng.integers(STACK_POP, STACK_PUSH1 + 1, size=(batch, n), dtype=np.int32)
-        is_stack = np.arange(n)[None, :] < stack_len[:, None]
-        x = np.where(is_stack, bits, acts).astype(np.int32)
+        return np.where(np.arange(n)[None, :] < stack_len[:, None], bits, acts).astype(np.int32)
+
+    def solve(self, x):
+        # Actions are never 0/1, so the initial stack is the longest prefix of bits.
+        batch, n = x.shape
+        is_stack = np.logical_and.accumulate(x < STACK_POP, axis=1)
         stack = np.zeros((batch, n + 1), np.int32)
         top = np.zeros(batch, np.int64)  # number of elements on the stack
         rows = np.arange(batch)
@@ -150,7 +161,7 @@ class StackManipulation(FormalTask):
         src = np.clip(top[:, None] - 1 - pos, 0, n)
         y = np.where(pos < top[:, None], np.take_along_axis(stack, src, 1), 0)
         y = np.where(pos == top[:, None], STACK_END, y).astype(np.int32)
-        return x, y, mask_through_terminator(y, STACK_END)
+        return y, mask_through_terminator(y, STACK_END)
 
 
 class ReverseString(FormalTask):
@@ -161,9 +172,11 @@ class ReverseString(FormalTask):
     def output_length(self, n):
         return n
 
-    def sample(self, rng, n, batch):
-        s = random_bits(rng, (batch, n))
-        return s, s[:, ::-1], full_mask(batch, n)
+    def draw(self, rng, n, batch):
+        return random_bits(rng, (batch, n))
+
+    def solve(self, x):
+        return x[:, ::-1].copy(), full_mask(*x.shape)
 
 
 BR_PLUS, BR_MINUS, BR_TIMES, BR_OPEN, BR_CLOSE = 5, 6, 7, 8, 9
@@ -259,9 +272,11 @@ class DuplicateString(FormalTask):
     def output_length(self, n):
         return 2 * n
 
-    def sample(self, rng, n, batch):
-        s = random_bits(rng, (batch, n))
-        return s, np.concatenate([s, s], 1), full_mask(batch, 2 * n)
+    def draw(self, rng, n, batch):
+        return random_bits(rng, (batch, n))
+
+    def solve(self, x):
+        return np.concatenate([x, x], 1), full_mask(len(x), 2 * x.shape[1])
 
 
 MISSING, EMPTY = 2, 3
@@ -276,17 +291,22 @@ class MissingDuplicateString(FormalTask):
     NAME, LEVEL = "missing_duplicate_string", "CS"
     ALPHABET, OUTPUT_ALPHABET = 4, 2
 
-    def sample(self, rng, n, batch):
+    def draw(self, rng, n, batch):
         if n == 1:
-            return np.ones((batch, 1), np.int32), np.ones((batch, 1), np.int32), full_mask(batch, 1)
+            return np.ones((batch, 1), np.int32)
         s = random_bits(rng, (batch, n // 2))
         dup = np.concatenate([s, s], 1)
-        idx = rng.integers(0, dup.shape[1], size=batch)
-        rows = np.arange(batch)
-        y = dup[rows, idx][:, None]
-        dup[rows, idx] = MISSING
-        x = np.concatenate([dup, np.full((batch, n % 2), EMPTY, np.int32)], 1)
-        return x, y, full_mask(batch, 1)
+        dup[np.arange(batch), rng.integers(0, dup.shape[1], size=batch)] = MISSING
+        return np.concatenate([dup, np.full((batch, n % 2), EMPTY, np.int32)], 1)
+
+    def solve(self, x):
+        batch, n = x.shape
+        if n == 1:
+            return np.ones((batch, 1), np.int32), full_mask(batch, 1)
+        half = n // 2
+        idx = np.argmax(x == MISSING, axis=1)
+        twin = np.where(idx < half, idx + half, idx - half)
+        return x[np.arange(batch), twin][:, None], full_mask(batch, 1)
 
 
 class OddsFirst(FormalTask):
@@ -301,21 +321,19 @@ class OddsFirst(FormalTask):
     def output_length(self, n):
         return n
 
-    def sample(self, rng, n, batch):
-        s = random_bits(rng, (batch, n))
-        return s, np.concatenate([s[:, 1::2], s[:, ::2]], 1), full_mask(batch, n)
+    def draw(self, rng, n, batch):
+        return random_bits(rng, (batch, n))
+
+    def solve(self, x):
+        return np.concatenate([x[:, 1::2], x[:, ::2]], 1), full_mask(*x.shape)
 
 
 BIN_OP, BIN_END = 2, 2
 
 
-def _split_operands(rng, n, batch):
-    """Little-endian operands a (|a| ~ U{1..n-2}) and b (|b| = n-1-|a|), both >= 1.
-
-    Returns the input rows `a 2 b` and the two operands as LE bit matrices of width n.
-    """
+def _draw_operands(rng, n, batch):
+    """Rows `a 2 b` of little-endian operands, |a| ~ U{1..n-2}, |b| = n-1-|a|, a, b >= 1."""
     len_a = rng.integers(1, n - 1, size=batch)
-    len_b = n - 1 - len_a
     pos = np.arange(n)[None, :]
     in_a = pos < len_a[:, None]
     in_b = pos > len_a[:, None]
@@ -325,11 +343,18 @@ def _split_operands(rng, n, batch):
         if not bad.any():
             break
         x[bad] = random_bits(rng, (int(bad.sum()), n))
-    x = np.where(in_a | in_b, x, BIN_OP).astype(np.int32)
-    a = np.where(in_a, x, 0)
+    return np.where(in_a | in_b, x, BIN_OP).astype(np.int32)
+
+
+def _operands(x):
+    """The operands of rows `a 2 b` as LE bit matrices of the row width."""
+    n = x.shape[1]
+    len_a = np.argmax(x == BIN_OP, axis=1)
+    pos = np.arange(n)[None, :]
+    a = np.where(pos < len_a[:, None], x, 0)
     src = np.clip(pos + len_a[:, None] + 1, 0, n - 1)
-    b = np.where(pos < len_b[:, None], np.take_along_axis(x, src, 1), 0)
-    return x, a, b
+    b = np.where(pos < (n - 1 - len_a)[:, None], np.take_along_axis(x, src, 1), 0)
+    return a, b
 
 
 def _terminated(bits_BW, width):
@@ -368,12 +393,15 @@ class BinaryAddition(FormalTask):
     def output_length(self, n):
         return n + 1
 
-    def sample(self, rng, n, batch):
+    def draw(self, rng, n, batch):
+        return _small_binary(rng, n, batch) if n <= 2 else _draw_operands(rng, n, batch)
+
+    def solve(self, x):
+        batch, n = x.shape
         if n <= 2:
-            x = _small_binary(rng, n, batch)
             y = _terminated(x, n + 1)
-            return x, y, mask_through_terminator(y, BIN_END)
-        x, a, b = _split_operands(rng, n, batch)
+            return y, mask_through_terminator(y, BIN_END)
+        a, b = _operands(x)
         s = np.zeros((batch, n + 1), np.int32)
         carry = np.zeros(batch, np.int32)
         for i in range(n):
@@ -381,7 +409,7 @@ class BinaryAddition(FormalTask):
             s[:, i], carry = t & 1, t >> 1
         s[:, n] = carry
         y = _terminated(s, n + 1)
-        return x, y, mask_through_terminator(y, BIN_END)
+        return y, mask_through_terminator(y, BIN_END)
 
 
 class BinaryMultiplication(FormalTask):
@@ -397,13 +425,16 @@ class BinaryMultiplication(FormalTask):
     def output_length(self, n):
         return n
 
-    def sample(self, rng, n, batch):
+    def draw(self, rng, n, batch):
+        return _small_binary(rng, n, batch) if n <= 2 else _draw_operands(rng, n, batch)
+
+    def solve(self, x):
+        batch, n = x.shape
         if n <= 2:
-            x = _small_binary(rng, n, batch)
             y = np.zeros((batch, n), np.int32)
             y[:, n - 1] = BIN_END
-            return x, y, full_mask(batch, n)
-        x, a, b = _split_operands(rng, n, batch)
+            return y, full_mask(batch, n)
+        a, b = _operands(x)
         conv = np.zeros((batch, 2 * n), np.int64)
         for i in range(n):
             conv[:, i : i + n] += a[:, i : i + 1] * b
@@ -413,7 +444,7 @@ class BinaryMultiplication(FormalTask):
             t = conv[:, i] + carry
             p[:, i], carry = t & 1, t >> 1
         y = _terminated(p, n)
-        return x, y, mask_through_terminator(y, BIN_END)
+        return y, mask_through_terminator(y, BIN_END)
 
 
 class ComputeSqrt(FormalTask):
@@ -427,18 +458,21 @@ class ComputeSqrt(FormalTask):
     def output_length(self, n):
         return math.ceil(n / 2)
 
-    def sample(self, rng, n, batch):
+    def draw(self, rng, n, batch):
         x = random_bits(rng, (batch, n))
         zero = ~x.any(1)
         while zero.any():
             x[zero] = random_bits(rng, (int(zero.sum()), n))
             zero = ~x.any(1)
-        m = self.output_length(n)
-        y = np.empty((batch, m), np.int32)
+        return x
+
+    def solve(self, x):
+        m = self.output_length(x.shape[1])
+        y = np.empty((len(x), m), np.int32)
         for i, row in enumerate(x):
             r = math.isqrt(int("".join("01"[v] for v in row), 2))
             y[i] = [int(c) for c in format(r, f"0{m}b")]
-        return x, y, full_mask(batch, m)
+        return y, full_mask(len(x), m)
 
 
 class BucketSort(FormalTask):
@@ -450,9 +484,11 @@ class BucketSort(FormalTask):
     def output_length(self, n):
         return n
 
-    def sample(self, rng, n, batch):
-        s = rng.integers(0, 5, size=(batch, n), dtype=np.int32)
-        return s, np.sort(s, 1), full_mask(batch, n)
+    def draw(self, rng, n, batch):
+        return rng.integers(0, 5, size=(batch, n), dtype=np.int32)
+
+    def solve(self, x):
+        return np.sort(x, 1), full_mask(*x.shape)
 
 
 TASKS = (
