@@ -1,0 +1,377 @@
+"""Models for length-generalisation experiments, and the model REGISTRY.
+
+- `encoder`: bidirectional Transformer for transduction in the layout of Deletang et al. 2023
+  ("Neural Networks and the Chomsky Hierarchy"): the input followed by |y| blanks, logits at
+  every position (the batch's loss mask picks the outputs). Post-LN, embeddings scaled by
+  sqrt(d) and initialised with std 0.02 by default, as in their code.
+- `decoder`: causal decoder-only LM (Kazemnejad et al. 2023, "The Impact of Positional
+  Encoding on Length Generalization in Transformers"); the batch's loss mask picks the answer.
+- `encoder_decoder`: Vaswani et al. 2017 with teacher forcing; cross attention carries no PE
+  by default (T5).
+- `rnn_seq2seq`, `rnn_attention`: see attn/models_rnn.py. `ssm`: see attn/models_ssm.py.
+
+Every model is built as `REGISTRY[name](cfg, *, vocab_size, rngs)` from one model config
+block (each class's `DEFAULTS` lists its fields) and is called as
+`model(batch, *, train, return_attention=())`, returning float32 logits BTV, or
+`(logits, {layer: weights_BHLS})` when attention maps of some layers are requested. Random
+positions and dropout draw from the model's own nnx.Rngs streams ("positions", "dropout").
+
+Decoding (experiments/generate.py) uses an explicit cache pytree:
+`cache = model.init_cache(batch_size, max_length[, src=..., src_mask=...])` and
+`logits_BLV, cache = model.decode(tokens_BL, cache, pos_BL=..., valid_BL=...)`.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import attn.attention
+import attn.pe
+import attn.positions
+from attn import layers
+from attn.layers import Embedder, as_dict, resolve
+from attn.registry import ConfigError, lookup, require
+
+TRANSFORMER_DEFAULTS = {
+    "num_layers": 5,
+    "d_model": 64,
+    "num_heads": 8,
+    "num_kv_heads": 8,
+    "head_dim": 0,  # 0: d_model // num_heads
+    "mlp_dim": 256,
+    "mlp": "relu",
+    "norm": "post",
+    "dropout": 0.1,
+    "tied_embeddings": False,
+    "embed_scale": True,
+    "init_std": 0.02,
+    "qk_norm": False,
+    "window": 0,  # 0: no window
+    "impl": "auto",
+    "dtype": "float32",
+    "scan_layers": False,
+    "pe": {"name": "none"},
+    "positions": {"name": "identity"},
+    "scorer": {"name": "dot"},
+}
+
+
+def validate_transformer(cfg: Mapping[str, Any], *, max_length: int | None = None) -> None:
+    """ConfigError for impossible Transformer settings (cfg already resolved)."""
+    H, G, D = cfg["num_heads"], cfg["num_kv_heads"], cfg["d_model"]
+    require(H > 0 and G > 0, "model.num_heads", f"heads must be positive, got {H}, {G}")
+    require(H % G == 0, "model.num_kv_heads", f"num_heads={H} must be a multiple of {G}")
+    if not cfg["head_dim"]:
+        require(
+            D % H == 0,
+            "model.d_model",
+            f"d_model={D} is not divisible by num_heads={H}; set head_dim explicitly",
+        )
+    K = cfg["head_dim"] or D // H
+    lookup(layers.NORM_PLACEMENTS, cfg["norm"], "model.norm")
+    lookup(layers.MLP_KINDS, cfg["mlp"], "model.mlp")
+    lookup(layers.DTYPES, cfg["dtype"], "model.dtype")
+    require(cfg["window"] >= 0, "model.window", f"must be >= 0 (0: none), got {cfg['window']}")
+    require(
+        cfg["impl"] in attn.attention.IMPLS,
+        "model.impl",
+        f"unknown {cfg['impl']!r}; valid: {', '.join(attn.attention.IMPLS)}",
+    )
+    require(
+        0.0 <= cfg["dropout"] < 1.0, "model.dropout", f"must be in [0, 1), got {cfg['dropout']}"
+    )
+    pe_cls = lookup(attn.pe.REGISTRY, cfg["pe"]["name"], "model.pe.name")
+    sampler = lookup(attn.positions.REGISTRY, cfg["positions"]["name"], "model.positions.name")(
+        cfg["positions"]
+    )
+    lookup(attn.scoring.REGISTRY, cfg["scorer"]["name"], "model.scorer.name")
+    if getattr(pe_cls, "needs_materialized_logits", False) and cfg["impl"] == "chunked":
+        raise ConfigError(
+            f"model.impl: pe {cfg['pe']['name']!r} needs materialised logits; "
+            "use impl='reference' or 'auto'"
+        )
+    if cfg.get("cross_pe") and not pe_cls.supports_cross_attention:
+        raise ConfigError(
+            f"model.cross_pe: pe {cfg['pe']['name']!r} does not support cross attention; "
+            "set cross_pe=False"
+        )
+    if max_length is not None and hasattr(pe_cls, "validate"):
+        pe_cls.validate(
+            cfg["pe"],
+            max_eval_position=sampler.max_position(max_length),
+            num_heads=H,
+            head_dim=K,
+        )
+
+
+class Stack(nnx.Module):
+    """num_layers blocks applied in order, collecting attention maps of the layers asked for."""
+
+    def __init__(self, cfg, *, causal: bool, cross: bool, rngs):
+        self.blocks = nnx.List(
+            [
+                layers.Block(cfg, d_model=cfg["d_model"], causal=causal, cross=cross, rngs=rngs)
+                for _ in range(cfg["num_layers"])
+            ]
+        )
+        self.final_norm = (
+            nnx.data(None)
+            if layers.NORM_PLACEMENTS[cfg["norm"]]
+            else layers.LayerNorm(cfg["d_model"], rngs=rngs)
+        )
+
+    def __call__(self, x, *, pos, mask, pe, memory=None, train, return_attention=(), offset=0):
+        maps = {}
+        for i, block in enumerate(self.blocks):
+            want = i + offset in return_attention
+            x, w = block(
+                x, pos=pos, mask=mask, pe=pe, memory=memory, train=train, return_weights=want
+            )
+            if want:
+                maps[i + offset] = w
+        return self.finish(x), maps
+
+    def finish(self, x):
+        return x if self.final_norm is None else self.final_norm(x)
+
+
+class TransformerBase(nnx.Module):
+    """Embedding + shared PE + position sampler; subclasses add stacks."""
+
+    DEFAULTS = TRANSFORMER_DEFAULTS
+    CAUSAL = False
+    validate_config = staticmethod(validate_transformer)
+
+    @classmethod
+    def layout(cls, cfg=None) -> str:
+        return cls.FORMAT
+
+    def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
+        cfg = resolve(type(self), cfg)
+        validate_transformer(cfg)
+        self.cfg = cfg
+        self.embedder = Embedder(cfg, vocab_size=vocab_size, rngs=rngs)
+        H = cfg["num_heads"]
+        self.pe = attn.pe.build(
+            cfg["pe"],
+            d_model=cfg["d_model"],
+            num_heads=H,
+            head_dim=cfg["head_dim"] or cfg["d_model"] // H,
+            causal=self.CAUSAL,
+            rngs=rngs,
+        )
+        self.sampler = lookup(attn.positions.REGISTRY, cfg["positions"]["name"], "model.positions")(
+            cfg["positions"]
+        )
+        self.position_rng = rngs["positions"].fork()
+        self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
+
+    def positions(self, batch_size: int, length: int, *, train: bool):
+        return self.sampler(batch_size, length, train=train, rng=self.position_rng())
+
+    def _embed(self, tokens, pos, train):
+        x = self.pe.embed(self.embedder.embed(tokens), pos)
+        return self.dropout(x, deterministic=not train)
+
+    def _decode(self, stack, tokens_BL, cache, *, pos_BL, valid_BL):
+        """Logits for L new tokens appended to the cache, and the new cache.
+
+        pos_BL defaults to the slot indices (identity positions); valid_BL marks real tokens
+        of a right-padded prefill.
+        """
+        if pos_BL is None:
+            pos_BL = cache[0]["self"]["length"][:, None] + jnp.arange(tokens_BL.shape[1])
+        x = self._embed(tokens_BL, pos_BL, False)
+        new_cache = []
+        for block, c in zip(stack.blocks, cache, strict=True):
+            x, c = block.decode(x, c, pos=pos_BL, pe=self.pe, valid=valid_BL)
+            new_cache.append(c)
+        return self.embedder.logits(stack.finish(x)), new_cache
+
+    def _pos_dtype(self):
+        probe = lambda: self.sampler(1, 1, train=False, rng=jax.random.key(0))
+        return jax.eval_shape(probe).dtype
+
+
+def _token_mask(batch, key="token_mask", tokens="inputs"):
+    mask = batch.get(key)
+    return jnp.ones(batch[tokens].shape, bool) if mask is None else mask.astype(bool)
+
+
+def _result(logits, maps, return_attention):
+    return (logits, maps) if return_attention else logits
+
+
+class Encoder(TransformerBase):
+    """Bidirectional Transformer encoder for transduction (Deletang layout)."""
+
+    FORMAT = "encoder"
+
+    def __init__(self, cfg, *, vocab_size, rngs):
+        super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
+        self.stack = Stack(self.cfg, causal=False, cross=False, rngs=rngs)
+
+    def __call__(self, batch, *, train: bool, return_attention=()):
+        tokens = batch["inputs"]
+        mask = _token_mask(batch)
+        pos = self.positions(*tokens.shape, train=train)
+        x, maps = self.stack(
+            self._embed(tokens, pos, train),
+            pos=pos,
+            mask=mask,
+            pe=self.pe,
+            train=train,
+            return_attention=tuple(return_attention),
+        )
+        return _result(self.embedder.logits(x), maps, return_attention)
+
+
+class Decoder(TransformerBase):
+    """Causal decoder-only Transformer LM."""
+
+    FORMAT = "decoder"
+    CAUSAL = True
+    DEFAULTS = {**TRANSFORMER_DEFAULTS, "norm": "pre", "dropout": 0.0}
+
+    def __init__(self, cfg, *, vocab_size, rngs):
+        super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
+        self.stack = Stack(self.cfg, causal=True, cross=False, rngs=rngs)
+
+    def __call__(self, batch, *, train: bool, return_attention=()):
+        tokens = batch["inputs"]
+        mask = _token_mask(batch)
+        pos = self.positions(*tokens.shape, train=train)
+        x, maps = self.stack(
+            self._embed(tokens, pos, train),
+            pos=pos,
+            mask=mask,
+            pe=self.pe,
+            train=train,
+            return_attention=tuple(return_attention),
+        )
+        return _result(self.embedder.logits(x), maps, return_attention)
+
+    def init_cache(self, batch_size: int, max_length: int):
+        dtype = self.embedder.dtype
+        pos_dtype = self._pos_dtype()
+        return [
+            {"self": b.attn.init_cache(batch_size, max_length, dtype=dtype, pos_dtype=pos_dtype)}
+            for b in self.stack.blocks
+        ]
+
+    def decode(self, tokens_BL, cache, *, pos_BL=None, valid_BL=None):
+        return self._decode(self.stack, tokens_BL, cache, pos_BL=pos_BL, valid_BL=valid_BL)
+
+
+class EncoderDecoder(TransformerBase):
+    """Encoder-decoder Transformer with teacher forcing (seq2seq layout); shared embedding.
+
+    Attention maps: indices 0..num_layers-1 are encoder self attention, num_layers.. decoder
+    self attention.
+    """
+
+    FORMAT = "seq2seq"
+    CAUSAL = True
+    DEFAULTS = {**TRANSFORMER_DEFAULTS, "norm": "pre", "cross_pe": False}
+
+    def __init__(self, cfg, *, vocab_size, rngs):
+        super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
+        self.encoder = Stack(self.cfg, causal=False, cross=False, rngs=rngs)
+        self.decoder = Stack(self.cfg, causal=True, cross=True, rngs=rngs)
+
+    def encode(self, src, src_mask, *, train, return_attention=()):
+        pos = self.positions(*src.shape, train=train)
+        x, maps = self.encoder(
+            self._embed(src, pos, train),
+            pos=pos,
+            mask=src_mask,
+            pe=self.pe,
+            train=train,
+            return_attention=return_attention,
+        )
+        return {"x": x, "pos": pos, "mask": src_mask}, maps
+
+    def __call__(self, batch, *, train: bool, return_attention=()):
+        return_attention = tuple(return_attention)
+        memory, maps = self.encode(
+            batch["src"],
+            _token_mask(batch, "src_mask", "src"),
+            train=train,
+            return_attention=return_attention,
+        )
+        tokens = batch["inputs"]
+        pos = self.positions(*tokens.shape, train=train)
+        x, dec_maps = self.decoder(
+            self._embed(tokens, pos, train),
+            pos=pos,
+            mask=_token_mask(batch),
+            pe=self.pe,
+            memory=memory,
+            train=train,
+            return_attention=return_attention,
+            offset=len(self.encoder.blocks),
+        )
+        return _result(self.embedder.logits(x), {**maps, **dec_maps}, return_attention)
+
+    def init_cache(self, batch_size: int, max_length: int, *, src, src_mask=None):
+        src_mask = jnp.ones(src.shape, bool) if src_mask is None else src_mask.astype(bool)
+        memory, _ = self.encode(src, src_mask, train=False)
+        dtype = self.embedder.dtype
+        pos_dtype = self._pos_dtype()
+        return [
+            {
+                "self": b.attn.init_cache(batch_size, max_length, dtype=dtype, pos_dtype=pos_dtype),
+                "cross": b.cross.init_cross_cache(
+                    memory["x"], pos_BS=memory["pos"], mask_BS=memory["mask"]
+                ),
+            }
+            for b in self.decoder.blocks
+        ]
+
+    def decode(self, tokens_BL, cache, *, pos_BL=None, valid_BL=None):
+        return self._decode(self.decoder, tokens_BL, cache, pos_BL=pos_BL, valid_BL=valid_BL)
+
+
+from attn.models_rnn import RNNAttention, RNNSeq2Seq  # noqa: E402
+from attn.models_ssm import SSM  # noqa: E402
+
+REGISTRY = {
+    "encoder": Encoder,
+    "decoder": Decoder,
+    "encoder_decoder": EncoderDecoder,
+    "rnn_seq2seq": RNNSeq2Seq,
+    "rnn_attention": RNNAttention,
+    "ssm": SSM,
+}
+
+
+def default_config(name: str) -> dict:
+    """The model block `{"name": name, **DEFAULTS}` for a registered model."""
+    cls = lookup(REGISTRY, name, "model.name")
+    return {"name": name, **resolve(cls, {})}
+
+
+def batch_format(name: str, cfg=None) -> str:
+    """Which batch layout ("encoder", "decoder", "seq2seq") the model eats."""
+    cls = lookup(REGISTRY, name, "model.name")
+    return cls.layout(None if cfg is None else resolve(cls, cfg))
+
+
+def validate(cfg, *, vocab_size: int | None = None, max_length: int | None = None) -> None:
+    """Raise ConfigError for an impossible model block before anything compiles.
+
+    max_length: the longest sequence the model will see (for PE table limits).
+    """
+    cfg = as_dict(cfg)
+    cls = lookup(REGISTRY, cfg.get("name"), "model.name")
+    if vocab_size is not None:
+        require(vocab_size > 0, "task.vocab_size", f"must be positive, got {vocab_size}")
+    cls.validate_config(resolve(cls, cfg), max_length=max_length)
+
+
+def build(cfg, *, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
+    cls = lookup(REGISTRY, as_dict(cfg).get("name"), "model.name")
+    return cls(cfg, vocab_size=vocab_size, rngs=rngs)

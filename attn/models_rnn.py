@@ -1,0 +1,180 @@
+"""Recurrent encoder-decoder baselines (seq2seq layout), registered in attn.models.
+
+- `rnn_seq2seq`: Sutskever et al. 2014, "Sequence to Sequence Learning with Neural Networks":
+  an LSTM (Hochreiter & Schmidhuber 1997; GRU, Cho et al. 2014, as an option) encoder whose
+  final state is the decoder's initial state, and nothing else passes between them.
+- `rnn_attention`: Bahdanau et al. 2015, "Neural Machine Translation by Jointly Learning to
+  Align and Translate": the same, but at every step the decoder attends over all encoder
+  states with the previous decoder state as the query (additive scoring by default; Luong et
+  al. 2015 "luong" scoring via attn.scoring), and the context is fed to the cell and to the
+  output layer.
+
+Both are trained with teacher forcing on `batch["inputs"]` and padded sources are handled with
+`src_mask` (the encoder's final state is taken at each example's last real token).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import attn.scoring
+from attn import layers
+from attn.registry import lookup, require
+
+CELLS = {"lstm": nnx.LSTMCell, "gru": nnx.GRUCell}
+
+RNN_DEFAULTS = {
+    "num_layers": 1,
+    "d_model": 64,
+    "rnn": {"cell": "lstm", "hidden": 128},
+    "dropout": 0.0,
+    "tied_embeddings": False,
+    "embed_scale": False,
+    "init_std": 0.02,
+    "dtype": "float32",
+}
+
+
+def make_cell(cfg, in_features: int, rngs):
+    cell_cls = lookup(CELLS, cfg["rnn"]["cell"], "model.rnn.cell")
+    return cell_cls(
+        in_features,
+        cfg["rnn"]["hidden"],
+        rngs=rngs,
+        kernel_metadata={"out_sharding": ("embed", "state"), "eager_sharding": False},
+        recurrent_kernel_metadata={"out_sharding": (None, "state"), "eager_sharding": False},
+        bias_metadata={"out_sharding": ("state",), "eager_sharding": False},
+    )
+
+
+def validate_rnn(cfg, *, max_length=None) -> None:
+    lookup(CELLS, cfg["rnn"]["cell"], "model.rnn.cell")
+    lookup(layers.DTYPES, cfg["dtype"], "model.dtype")
+    require(cfg["num_layers"] >= 1, "model.num_layers", f"must be >= 1, got {cfg['num_layers']}")
+    require(cfg["rnn"]["hidden"] >= 1, "model.rnn.hidden", "must be >= 1")
+    require(
+        0.0 <= cfg["dropout"] < 1.0, "model.dropout", f"must be in [0, 1), got {cfg['dropout']}"
+    )
+
+
+class RNNSeq2Seq(nnx.Module):
+    """Recurrent encoder-decoder passing only the encoder's final state."""
+
+    FORMAT = "seq2seq"
+    DEFAULTS = RNN_DEFAULTS
+    validate_config = staticmethod(validate_rnn)
+
+    @classmethod
+    def layout(cls, cfg=None) -> str:
+        return cls.FORMAT
+
+    def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
+        cfg = layers.resolve(type(self), cfg)
+        validate_rnn(cfg)
+        self.cfg = cfg
+        d, hidden = cfg["d_model"], cfg["rnn"]["hidden"]
+        self.embedder = layers.Embedder(cfg, vocab_size=vocab_size, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
+        self.encoder = nnx.List(
+            [
+                nnx.RNN(make_cell(cfg, d if i == 0 else hidden, rngs), rngs=rngs)
+                for i in range(cfg["num_layers"])
+            ]
+        )
+        self.decoder_cells = nnx.List(
+            [
+                make_cell(cfg, self._decoder_in(d) if i == 0 else hidden, rngs)
+                for i in range(cfg["num_layers"])
+            ]
+        )
+        self.out = layers.Dense(
+            (self._out_in(hidden),), (d,), ("state", "embed"), rngs=rngs, use_bias=True
+        )
+
+    def _decoder_in(self, d):
+        return d
+
+    def _out_in(self, hidden):
+        return hidden
+
+    def encode(self, src, src_mask, *, train):
+        x = self.dropout(self.embedder.embed(src), deterministic=not train)
+        lengths = jnp.maximum(jnp.sum(src_mask, axis=1, dtype=jnp.int32), 1)
+        carries = []
+        for rnn in self.encoder:
+            carry, x = rnn(x, seq_lengths=lengths, return_carry=True)
+            carries.append(carry)
+        return x, carries
+
+    def _decode_steps(self, x_BTD, carries, memory, src_mask):
+        """Teacher-forced decoder over time; returns (outputs BTF, attention B1TS or None)."""
+        del memory, src_mask
+
+        def step(carries, x_t):
+            new = []
+            for cell, c in zip(self.decoder_cells, carries, strict=True):
+                c, x_t = cell(c, x_t)
+                new.append(c)
+            return new, x_t
+
+        _, ys = jax.lax.scan(step, carries, jnp.swapaxes(x_BTD, 0, 1))
+        return jnp.swapaxes(ys, 0, 1), None
+
+    def __call__(self, batch, *, train: bool, return_attention=()):
+        src = batch["src"]
+        src_mask = batch.get("src_mask")
+        src_mask = jnp.ones(src.shape, bool) if src_mask is None else src_mask.astype(bool)
+        memory, carries = self.encode(src, src_mask, train=train)
+        x = self.dropout(self.embedder.embed(batch["inputs"]), deterministic=not train)
+        ys, weights = self._decode_steps(x, carries, memory, src_mask)
+        h = jnp.tanh(self.out(self.dropout(ys, deterministic=not train)))
+        logits = self.embedder.logits(h)
+        if not return_attention:
+            return logits
+        require(
+            weights is not None,
+            "return_attention",
+            f"{type(self).__name__} has no attention; use rnn_attention",
+        )
+        return logits, {i: weights for i in return_attention if i == 0}
+
+
+class RNNAttention(RNNSeq2Seq):
+    """Recurrent encoder-decoder whose decoder attends over all encoder states (Bahdanau)."""
+
+    DEFAULTS = {**RNN_DEFAULTS, "scorer": {"name": "additive"}}
+
+    def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
+        super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
+        scorer_cfg = self.cfg["scorer"]
+        scorer_cls = lookup(attn.scoring.REGISTRY, scorer_cfg["name"], "model.scorer.name")
+        self.scorer = scorer_cls(
+            scorer_cfg, num_heads=1, head_dim=self.cfg["rnn"]["hidden"], rngs=rngs
+        )
+
+    def _decoder_in(self, d):
+        return d + self.cfg["rnn"]["hidden"]
+
+    def _out_in(self, hidden):
+        return 2 * hidden
+
+    def _decode_steps(self, x_BTD, carries, memory, src_mask):
+        k = memory[:, :, None, :]
+        mask = src_mask[:, None, None, :]
+
+        def top_hidden(c):
+            return c[-1][1] if isinstance(c[-1], tuple) else c[-1]
+
+        def step(carries, x_t):
+            query = top_hidden(carries)[:, None, None, :]
+            ctx, w = self.scorer(query, k, k, mask=mask, impl="reference", return_weights=True)
+            ctx = ctx[:, 0, 0]
+            x_t = jnp.concatenate([x_t, ctx], axis=-1)
+            new = []
+            for cell, c in zip(self.decoder_cells, carries, strict=True):
+                c, x_t = cell(c, x_t)
+                new.append(c)
+            return new, (jnp.concatenate([x_t, ctx], axis=-1), w[:, :, 0])
+
+        _, (ys, w_TBHS) = jax.lax.scan(step, carries, jnp.swapaxes(x_BTD, 0, 1))
+        return jnp.swapaxes(ys, 0, 1), jnp.transpose(w_TBHS, (1, 2, 0, 3))
