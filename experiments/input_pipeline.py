@@ -32,7 +32,6 @@ TensorFlow is needed.
 import itertools
 from collections.abc import Iterator
 
-import grain
 import numpy as np
 
 from attn.registry import ConfigError
@@ -201,6 +200,8 @@ def eval_batches(task, cfg, *, layout: str, length: int, data_dir=None):
     of the task's eval split (Press et al. 2022), at most cfg.eval.num_examples of them.
     The last batch may be smaller.
     """
+    import grain  # grain and TFDS take seconds to import: only evaluation needs them
+
     from experiments.tasks import tfds_builders
 
     _check_layout(task, layout)

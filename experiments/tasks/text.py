@@ -66,7 +66,7 @@ class TextLM(Task):
         return None
 
     def builder(self, data_dir=None):
-        from experiments.tasks import tfds_builders
+        from experiments.tasks import tfds_builders  # TFDS costs ~1 s to import: only on use
 
         return tfds_builders.text_builder(
             self.cfg["source"],
@@ -78,9 +78,9 @@ class TextLM(Task):
         """All documents of `split` as one int32 token stream, EOS after each document."""
         key = (split, data_dir)
         if key not in self._streams:
-            builder = self.builder(data_dir)
-            builder.download_and_prepare()
-            source = builder.as_data_source(split=split)
+            from experiments.tasks import tfds_builders
+
+            source = tfds_builders.prepare(self.builder(data_dir)).as_data_source(split=split)
             parts = []
             for i in range(len(source)):
                 parts.append(source[i]["bytes"].astype(np.int32) + NUM_SPECIAL)

@@ -102,6 +102,23 @@ class AttnTaskEval(_LocalBuilder):
             yield i, {"index": i, **ex}
 
 
+def prepare(builder):
+    """download_and_prepare, tolerating another process that finished the same build first.
+
+    TFDS writes into a private incomplete.* directory and renames it into place, so two
+    processes building one dataset race only on that rename; the loser finds it prepared.
+    """
+    tfds.disable_progress_bar()
+    try:
+        builder.download_and_prepare()
+    except OSError:
+        if not type(builder)(
+            config=builder.builder_config, data_dir=builder.data_dir_root
+        ).is_prepared():
+            raise
+    return builder
+
+
 def task_eval_builder(task, *, length: int, num_examples: int, seed: int, data_dir=None):
     fields = json.dumps({"name": task.name, **task.cfg}, sort_keys=True, default=list)
     name = f"{task.name}-{_short_hash(fields)}-n{length}-k{num_examples}-s{seed}"
@@ -123,8 +140,7 @@ def task_eval_source(task, *, length: int, num_examples: int, seed: int, data_di
     builder = task_eval_builder(
         task, length=length, num_examples=num_examples, seed=seed, data_dir=data_dir
     )
-    builder.download_and_prepare()
-    return builder.as_data_source(split="test")
+    return prepare(builder).as_data_source(split="test")
 
 
 # ------------------------------------------------------------------------------ text corpora
