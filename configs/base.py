@@ -1,0 +1,173 @@
+"""Base config: the full locked schema (INTERFACES.md "Config") every experiment starts from.
+
+The family configs (formal.py, algorithmic.py, lm.py, seq2seq.py) call `build(...)` with their
+own defaults; this file also runs on its own:
+
+  python -m experiments.main --config configs/base.py:pe=rope --workdir runs/base_rope
+
+Structural choices are the `k=v` arg (`ARGS` lists the keys): task, model, pe, sampler,
+scorer, size, smoke. Every other field is a scalar override, e.g.
+`--config.model.pe.max_wavelength=500 --config.train.steps=2000`. The pe / positions / scorer /
+task blocks are `{"name": ..., **DEFAULTS}` of that registry entry, so a block only holds the
+fields its entry understands and the locked config rejects typos. `smoke=true` gives tiny
+sizes and a few steps (tests).
+
+Defaults follow Deletang et al. 2023 (arXiv 2207.02098) where a paper protocol applies:
+Adam, gradient clipping 1.0, batch 128, encoder of 5 layers x d_model 64 x 8 heads, MLP 4x ReLU,
+post-LN, dropout 0.1, embeddings scaled by sqrt(d), init std 0.02 (size=s).
+Expected: see the family configs; this file defaults to formal reverse_string with no PE.
+"""
+
+import ml_collections
+
+from attn import models as models_lib
+from attn import pe as pe_lib
+from attn import positions as positions_lib
+from attn import scoring as scoring_lib
+from attn.registry import ConfigError
+from experiments import config_utils
+from experiments import tasks as tasks_lib
+from experiments import train as train_lib
+
+ARGS = {
+    "task": "reverse_string",
+    "model": "encoder",
+    "pe": "none",
+    "sampler": "",
+    "scorer": "",
+    "size": "s",
+    "smoke": False,
+}
+SMOKE_ARGS = "smoke=true"
+
+# (num_layers, d_model, num_heads, mlp_dim), applied to the fields a model has.
+# s = the encoder of Deletang et al. 2023 (~0.25M parameters).
+SIZES = {
+    "xs": (2, 32, 4, 128),
+    "s": (5, 64, 8, 256),
+    "m": (6, 256, 8, 1024),
+    "l": (12, 768, 12, 3072),
+}
+SMOKE_MODEL = {"num_layers": 1, "d_model": 16, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 32}
+
+
+def _model_block(model: str, size: str, pe: str, sampler: str, scorer: str) -> dict:
+    """The model registry's block for `model` with the size preset and the chosen sub-blocks."""
+    if size not in SIZES:
+        raise ConfigError(f"config arg size: {size!r}; sizes: {', '.join(SIZES)}")
+    block = models_lib.default_config(model)
+    layers, d_model, heads, mlp_dim = SIZES[size]
+    preset = {
+        "num_layers": layers,
+        "d_model": d_model,
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "mlp_dim": mlp_dim,
+    }
+    block.update({k: v for k, v in preset.items() if k in block})
+    chosen = {
+        "pe": (pe_lib, pe),
+        "positions": (positions_lib, sampler),
+        "scorer": (scoring_lib, scorer),
+    }
+    for key, (module, name) in chosen.items():
+        if not name:
+            continue  # the model's own default
+        if key not in block:
+            raise ConfigError(f"config arg {key}: model {model!r} has no {key} block")
+        block[key] = config_utils.block(module, name, f"model.{key}.name").to_dict()
+    return block
+
+
+def build(
+    *,
+    task: str,
+    model: str,
+    pe: str,
+    sampler: str,
+    scorer: str,
+    size: str,
+    smoke: bool,
+    optimizer: str = "adam",
+    lr: float = 3e-4,
+    schedule: str = "constant",
+    batch_size: int = 128,
+    steps: int = 10_000,
+    **model_overrides,
+) -> ml_collections.ConfigDict:
+    """The full config for one run; the family configs pass their own defaults."""
+    model_block = _model_block(model, size, pe, sampler, scorer)
+    model_block.update(model_overrides)
+    variant = "/".join(
+        [model_block.get("pe", {}).get("name", "-")]
+        + ([sampler] if sampler not in ("", "identity") else [])
+        + ([scorer] if scorer else [])
+    )
+    config = ml_collections.ConfigDict(
+        {
+            "seed": 0,
+            "variant": f"{model}:{variant}",
+            "task": config_utils.block(tasks_lib, task, "task.name").to_dict(),
+            "model": model_block,
+            "train": {
+                "steps": steps,
+                "batch_size": batch_size,
+                "optimizer": config_utils.block(
+                    _Registry(train_lib.OPTIMIZERS), optimizer, "train.optimizer.name", lr=lr
+                ).to_dict(),
+                "schedule": config_utils.block(
+                    _Registry(train_lib.SCHEDULES), schedule, "train.schedule.name"
+                ).to_dict(),
+                "grad_clip": 1.0,
+                "skip_nonfinite": False,
+                "log_every": 100,
+                "eval_every": 1000,
+                "eval_lengths": "auto",
+                "ckpt_every": 1000,
+                "keep_checkpoints": 3,
+                "mesh": {"data": -1, "model": 1},
+            },
+            "eval": {
+                "lengths": "auto",
+                "batch_size": 128,
+                "num_examples": 512,
+                "random_positions": False,
+                "compilation_cache": "auto",
+                "data_dir": "",
+            },
+        }
+    )
+    if smoke:
+        _shrink(config)
+    config.lock()
+    return config
+
+
+class _Registry:
+    """Adapter so that config_utils.block reads the driver's OPTIMIZERS/SCHEDULES dicts."""
+
+    def __init__(self, registry):
+        self.REGISTRY = registry
+
+
+def _shrink(config: ml_collections.ConfigDict) -> None:
+    """Tiny shapes and a few steps: a whole run compiles and finishes in seconds on CPU."""
+    m = config.model
+    for key, value in SMOKE_MODEL.items():
+        if key in m:
+            m[key] = value
+    if "dropout" in m:
+        m.dropout = 0.0
+    if "rnn" in m and "hidden" in m.rnn:
+        m.rnn.hidden = 16
+    t = config.train
+    t.steps, t.batch_size, t.log_every, t.eval_every, t.ckpt_every = 3, 8, 1, 0, 2
+    if "max_length" in config.task:
+        config.task.max_length = min(config.task.max_length, 8)
+        config.task.min_length = min(config.task.min_length, config.task.max_length)
+    config.eval.lengths = "8,16"
+    config.eval.batch_size, config.eval.num_examples = 8, 8
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return build(**config_utils.parse_arg(arg, ARGS))

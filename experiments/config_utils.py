@@ -1,0 +1,200 @@
+"""Config helpers shared by the configs/ files, the driver and the entry point.
+
+- `parse_arg("task=reverse_string,pe=rope", allowed)`: the `k=v,k=v` structural argument of a
+  config file (`--config configs/formal.py:task=reverse_string,pe=rope`), unknown keys rejected.
+- `block(registry_module, name, field, **overrides)`: a `{"name": name, **DEFAULTS}` config block
+  for one registry entry (INTERFACES.md), failing with ConfigError on an unknown name.
+- `load_json` / `to_json`: the `workdir/config.json` round trip (locked ConfigDict).
+- `describe_error(exc, argv)`: any failure of flag/config parsing -> one user-facing line and the
+  exit status (2: bad configuration), so that `experiments/main.py` never prints a traceback.
+- `train_max_length(task_cfg)`: the longest training length of a task block, whatever of the
+  usual spellings the task uses.
+
+Configs follow the ml_collections convention of big_vision and the Flax examples (a
+`get_config(arg)` per file, scalar overrides as `--config.a.b=v`).
+"""
+
+import glob
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from attn.registry import ConfigError, lookup
+
+
+def parse_arg(arg: str | None, allowed: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse 'k=v,k=v' over `allowed` (key -> default). Unknown or malformed keys: ConfigError.
+
+    Values keep their string form unless the default is an int, float or bool.
+    """
+    values = dict(allowed)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"config arg: {item!r} is not k=v; keys: {', '.join(allowed)}")
+        if key not in allowed:
+            raise ConfigError(f"config arg: unknown key {key!r}; keys: {', '.join(allowed)}")
+        default = allowed[key]
+        values[key] = _coerce(key, value.strip(), default)
+    return values
+
+
+def _coerce(key: str, value: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"config arg {key}: {value!r} is not a bool; use true or false")
+        return value.lower() in ("true", "1")
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(value)
+            except ValueError:
+                raise ConfigError(f"config arg {key}: {value!r} is not {kind.__name__}") from None
+    return value
+
+
+def block(module: Any, name: str, field: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """`{"name": name, **DEFAULTS, **overrides}` for `module.REGISTRY[name]` as a ConfigDict."""
+    cls = lookup(module.REGISTRY, name, field)
+    defaults = dict(getattr(cls, "DEFAULTS", {}))
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"{field}: {name!r} has no field(s) {', '.join(unknown)}; "
+            f"fields: {', '.join(sorted(defaults)) or '(none)'}"
+        )
+    defaults.update(overrides)
+    return ml_collections.ConfigDict({"name": name, **defaults})
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, tuple | set | frozenset):
+        return list(obj)
+    return str(obj)
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+    """The config saved in a workdir, as a locked ConfigDict (the schema it was run with)."""
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.lock()
+    return config
+
+
+def train_max_length(task_cfg: Mapping[str, Any]) -> int:
+    """Longest training length of a task block.
+
+    Accepts the spellings tasks use for the training range: `train_max_length`, `max_length`,
+    `train_lengths` as an int, a sequence, or a "1..40" / "1-40" string.
+    """
+    for key in ("train_max_length", "max_train_length", "max_length"):
+        if key in task_cfg and task_cfg[key]:
+            return int(task_cfg[key])
+    spec = task_cfg.get("train_lengths", task_cfg.get("lengths"))
+    if isinstance(spec, int):
+        return spec
+    if isinstance(spec, str):
+        numbers = [int(n) for n in re.findall(r"\d+", spec)]
+        if numbers:
+            return max(numbers)
+    if isinstance(spec, Sequence) and spec:
+        return max(int(n) for n in spec)
+    raise ConfigError("task: no training length found (expected task.train_lengths)")
+
+
+def parse_lengths(values: Sequence[str] | None) -> list[int] | None:
+    """`--lengths 40,80,160` -> [40, 80, 160]; anything but positive integers is a ConfigError."""
+    if not values:
+        return None
+    try:
+        lengths = [int(v) for v in values]
+    except ValueError:
+        raise ConfigError(
+            f"--lengths: {','.join(values)!r}; positive integers, e.g. 40,80"
+        ) from None
+    if min(lengths) <= 0:
+        raise ConfigError(f"--lengths: {min(lengths)} <= 0; lengths must be positive")
+    return lengths
+
+
+def describe_error(exc: BaseException, argv: Sequence[str]) -> tuple[str, int]:
+    """One line (field, problem, allowed values) and exit status for a parse-time failure."""
+    # ml_collections re-raises a get_config error as the same type wrapping a traceback:
+    # the deepest ConfigError is the original.
+    config_errors = [e for e in _chain(exc) if isinstance(e, ConfigError)]
+    if config_errors:
+        return str(config_errors[-1]).splitlines()[0], 2
+    missing = _missing_override(argv)
+    if missing:
+        return missing, 2
+    config_arg = _flag_value(argv, "config")
+    path = (config_arg or "").split(":", 1)[0]
+    text = str(exc)
+    if path and ("Failed loading config file" in text or isinstance(exc, OSError)):
+        return f"--config: cannot read {path!r}; config files: {_config_files()}", 2
+    if isinstance(exc, AttributeError) and "get_config" in text:
+        return f"--config: {path!r} defines no get_config(arg)", 2
+    m = re.search(r"flag --(config\.[\w.]+)=([^:]*): (.*)", text)
+    if m:
+        return f"{m.group(1)}: cannot set to {m.group(2)!r} ({m.group(3).strip()})", 2
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return first, 2
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _config_files() -> str:
+    files = sorted(glob.glob(os.path.join("configs", "*.py")))
+    return ", ".join(f for f in files if not f.endswith("__init__.py")) or "(none in ./configs)"
+
+
+def _missing_override(argv: Sequence[str]) -> str | None:
+    """'config.a.b: no such field; fields of config.a: ...' for the first unknown override."""
+    from ml_collections.config_flags import config_flags
+
+    spec = _flag_value(argv, "config")
+    try:
+        config = config_flags.ConfigFileFlagParser("config").parse(spec) if spec else None
+    except Exception:  # the config file itself is the problem: reported by the caller
+        return None
+    if not isinstance(config, ml_collections.ConfigDict):
+        return None
+    for arg in argv:
+        m = re.match(r"--?(?:no)?config\.([\w.]+)", arg)
+        if not m:
+            continue
+        node, path = config, m.group(1).split(".")
+        for i, key in enumerate(path):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                where = ".".join(["config", *path[:i]])
+                fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                allowed = (
+                    f"fields of {where}: {', '.join(fields)}" if fields else f"{where} is a value"
+                )
+                return f"config.{'.'.join(path[: i + 1])}: no such field; {allowed}"
+            node = node[key]
+    return None
