@@ -222,7 +222,7 @@ def check(name, x, y, m, task):
 def test_against_independent_checker(name):
     task = build(name)
     rng = np.random.default_rng(0)
-    for n in (1, 2, 3, 4, 5, 6, 7, 8, 13, 24, 40):
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 13, 24, 40, 63, 64):
         x, y, m = task.batch(rng, n, 24)
         assert x.min() >= 0 and x.max() < task.alphabet_size
         assert y.min() >= 0 and y.max() < task.OUTPUT_ALPHABET
@@ -329,3 +329,14 @@ def test_registry_defaults_are_config_blocks():
             "decoder",
             "seq2seq",
         }
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_examples_equal_example(name):
+    task = build(name)
+    for n in (1, 3, 12):
+        many = task.examples(11, range(4, 9), n)
+        for j, i in enumerate(range(4, 9)):
+            one = task.example(11, i, n)
+            for k in one:
+                np.testing.assert_array_equal(many[k][j], one[k])

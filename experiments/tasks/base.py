@@ -166,11 +166,29 @@ class Task:
         assert y.shape == m.shape == (batch, self.output_length(n)), (self.NAME, y.shape)
         return x, y, m
 
+    def _example_rng(self, seed: int, index: int, length: int) -> np.random.Generator:
+        return np.random.default_rng([seed, index, length, self.id, EXAMPLE_STREAM])
+
     def example(self, seed: int, index: int, length: int) -> dict:
         """One example, deterministic in (seed, index, length); ids are task ids + NUM_SPECIAL."""
-        rng = np.random.default_rng([seed, index, length, self.id, EXAMPLE_STREAM])
-        x, y, m = self.batch(rng, length, 1)
+        x, y, m = self.batch(self._example_rng(seed, index, length), length, 1)
         return {"input": x[0] + NUM_SPECIAL, "output": y[0] + NUM_SPECIAL, "output_mask": m[0]}
+
+    def examples(self, seed: int, indices, length: int) -> dict:
+        """`example` for many indices, stacked; the same values, solved in one vectorised call
+        where the task has a solver (building long evaluation sets)."""
+        if type(self).draw is Task.draw:
+            rows = [self.example(seed, i, length) for i in indices]
+            return {k: np.stack([r[k] for r in rows]) for k in ("input", "output", "output_mask")}
+        x = np.concatenate(
+            [self.draw(self._example_rng(seed, i, length), length, 1) for i in indices]
+        )
+        y, m = self.solve(x)
+        return {
+            "input": x.astype(np.int32) + NUM_SPECIAL,
+            "output": np.asarray(y, np.int32) + NUM_SPECIAL,
+            "output_mask": np.asarray(m, bool),
+        }
 
 
 def full_mask(batch: int, m: int) -> np.ndarray:

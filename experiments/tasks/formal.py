@@ -357,6 +357,13 @@ def _operands(x):
     return a, b
 
 
+def _le_value(bits) -> int:
+    return int(np.asarray(bits, np.uint8)[::-1].tobytes().translate(_BIT_CHARS) or b"0", 2)
+
+
+_BIT_CHARS = bytes.maketrans(b"\x00\x01", b"01")
+
+
 def _terminated(bits_BW, width):
     """LE bits without trailing zeros, then the terminator, then zeros: shape (B, width)."""
     b = bits_BW.shape[0]
@@ -435,14 +442,15 @@ class BinaryMultiplication(FormalTask):
             y[:, n - 1] = BIN_END
             return y, full_mask(batch, n)
         a, b = _operands(x)
-        conv = np.zeros((batch, 2 * n), np.int64)
-        for i in range(n):
-            conv[:, i : i + n] += a[:, i : i + 1] * b
-        p = np.zeros((batch, 2 * n), np.int32)
-        carry = np.zeros(batch, np.int64)
-        for i in range(2 * n):
-            t = conv[:, i] + carry
-            p[:, i], carry = t & 1, t >> 1
+        if n <= 63:  # the product has at most n - 1 bits: int64 arithmetic is exact
+            weights = np.int64(1) << np.arange(n, dtype=np.int64)
+            prod = (a @ weights) * (b @ weights)
+            p = ((prod[:, None] >> np.arange(n)) & 1).astype(np.int32)
+        else:  # Python bignums per row beat an O(n^2) bit-matrix product
+            p = np.zeros((batch, n), np.int32)
+            for i in range(batch):
+                bits = format(_le_value(a[i]) * _le_value(b[i]), "b")[::-1]
+                p[i, : len(bits)] = np.frombuffer(bits.encode(), np.uint8) - ord("0")
         y = _terminated(p, n)
         return y, mask_through_terminator(y, BIN_END)
 

@@ -97,9 +97,11 @@ class AttnTaskEval(_LocalBuilder):
 
         cfg = self.builder_config
         task = tasks.build(json.loads(cfg.task_cfg))
-        for i in range(cfg.num_examples):
-            ex = task.example(cfg.seed, i, cfg.length)
-            yield i, {"index": i, **ex}
+        for start in range(0, cfg.num_examples, 256):
+            idx = range(start, min(start + 256, cfg.num_examples))
+            chunk = task.examples(cfg.seed, idx, cfg.length)
+            for j, i in enumerate(idx):
+                yield i, {"index": i, **{k: v[j] for k, v in chunk.items()}}
 
 
 def prepare(builder):
