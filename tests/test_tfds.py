@@ -8,6 +8,7 @@ import sysconfig
 import numpy as np
 import pytest
 
+from attn.registry import ConfigError
 from experiments import input_pipeline as ip
 from experiments import tasks
 from experiments.tasks import EOS, NUM_SPECIAL, tfds_builders
@@ -130,6 +131,16 @@ def test_text_batches(tmp_path, corpus):
     assert len(chunks) >= 2
     assert len(chunks) == (len(stream) - 1) // 16
     np.testing.assert_array_equal(chunks.reshape(-1), stream[: chunks.size])  # no overlap
+
+
+def test_text_source_errors(tmp_path):
+    with pytest.raises(ConfigError, match="task.source"):
+        tfds_builders.text_builder(str(tmp_path / "missing"), data_dir=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="task.pattern"):
+        tfds_builders.prepare(
+            tfds_builders.text_builder(str(tmp_path / "empty"), data_dir=tmp_path)
+        )
 
 
 def test_stdlib_config_names_the_python_version():

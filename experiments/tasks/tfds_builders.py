@@ -29,6 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from attn.registry import ConfigError
+
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "data" / "tfds"
 TEXT_SPLITS = (("train", 90), ("validation", 5), ("test", 5))
 
@@ -203,6 +205,8 @@ class AttnText(_LocalBuilder):
         del dl_manager
         cfg = self.builder_config
         files = text_files(cfg.source, cfg.pattern)
+        if not files:
+            raise ConfigError(f"task.pattern: no {cfg.pattern!r} files under {cfg.source}")
         by_split = {split: [] for split, _ in TEXT_SPLITS}
         for rel, path in files:
             by_split[text_split(rel)].append((rel, path))
@@ -225,7 +229,9 @@ def text_builder(source: str | None = None, *, pattern: str = "*.py", data_dir=N
         source = stdlib_dir()
         name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
     else:
-        source = str(pathlib.Path(source).resolve())
+        source = str(pathlib.Path(source).expanduser().resolve())
+        if not pathlib.Path(source).is_dir():
+            raise ConfigError(f"task.source: {source} is not a directory; 'stdlib' or a directory")
         name = f"dir-{_short_hash(source + '|' + pattern)}"
     config = TextConfig(
         name=name, description=f"{pattern} under {source}", source=source, pattern=pattern
