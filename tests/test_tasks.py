@@ -299,6 +299,7 @@ def test_length_distributions():
     assert lengths != [uni.train_length(1, s) for s in range(400)]
     fixed = build("parity_check", train_lengths="fixed", max_length=17)
     assert {fixed.train_length(0, s) for s in range(20)} == {17}
+    assert build("text", max_length=256).train_length(0, 5) == 256  # min_length 512 ignored
     cur = build("parity_check", train_lengths="curriculum", min_length=3, curriculum_steps=100)
     assert cur.train_length(0, 0) == 3
     early = [cur.train_length(0, s) for s in range(10)]

@@ -11,7 +11,7 @@ Training batches are drawn as a whole (vectorised) from a generator seeded by (s
 see input_pipeline; `sample` is the one generator both paths share.
 
 Length distributions (Deletang et al. 2023 train on n ~ U{1..40}, one n per batch):
-  "fixed"       n = max_length;
+  "fixed"       n = max_length (min_length ignored);
   "uniform"     n ~ U{min_length..max_length};
   "curriculum"  n ~ U{min_length..m(step)}, m growing linearly from min_length to max_length
                 over curriculum_steps steps (then flat).
@@ -83,6 +83,8 @@ class Task:
                 f"task.train_lengths: unknown kind {kind!r}; allowed: {', '.join(LENGTH_KINDS)}"
             )
         lo, hi = int(self.cfg["min_length"]), int(self.cfg["max_length"])
+        if kind == "fixed":
+            lo = min(lo, hi)  # min_length plays no part
         if not 1 <= lo <= hi:
             raise ConfigError(
                 f"task.min_length/max_length: need 1 <= min_length <= max_length; got {lo}, {hi}"

@@ -13,13 +13,14 @@
 Both write `file_format="array_record"` and are read with `builder.as_data_source(split)`,
 which TFDS 4.9 supports without TensorFlow (tensorflow_datasets' "TF-less" data sources:
 example serialisation and parsing fall back to its own protobuf code). Builder configs are
-made on the fly (`config=` an instance not in BUILDER_CONFIGS); TFDS then logs one line
-about a custom config, and caches it under data_dir/<builder>/<config>/<version>.
+made on the fly (`config=` an instance not in BUILDER_CONFIGS; TFDS's warning about that is
+filtered out) and cached under data_dir/<builder>/<config>/<version>.
 """
 
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -30,6 +31,16 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from attn.registry import ConfigError
+
+
+class _QuietCustomConfig(logging.Filter):
+    """Drops TFDS's warning for configs made on the fly: every builder here is made that way."""
+
+    def filter(self, record):
+        return "Using custom data configuration" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietCustomConfig())
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "data" / "tfds"
 TEXT_SPLITS = (("train", 90), ("validation", 5), ("test", 5))
