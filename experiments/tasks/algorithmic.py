@@ -171,10 +171,11 @@ class AssociativeRecall(AlgorithmicTask):
         self.num_queries = int(self.cfg["num_queries"])
         if self.num_queries < 1 or self.num_keys < 1:
             raise ConfigError("task.num_keys/num_queries: must be >= 1")
-        if self.max_train_length > self.num_keys:
+        longest = max(self.max_train_length, *map(int, self.cfg["eval_lengths"]))
+        if longest > self.num_keys:
             raise ConfigError(
-                f"task.max_length: {self.max_train_length} pairs need at least that many keys;"
-                f" num_keys is {self.num_keys}"
+                f"task.num_keys: {self.num_keys} < {longest} pairs (max_length/eval_lengths);"
+                " keys in a prompt are distinct"
             )
 
     @property
@@ -193,7 +194,7 @@ class AssociativeRecall(AlgorithmicTask):
 
     def sample(self, rng, n, batch):
         if n > self.num_keys:
-            raise ValueError(f"associative_recall: {n} pairs > num_keys={self.num_keys}")
+            raise ConfigError(f"task.num_keys: {self.num_keys} < {n} pairs; keys are distinct")
         keys = np.argsort(rng.random((batch, self.num_keys)), 1)[:, :n]
         values = rng.integers(0, DIGITS, size=(batch, n), dtype=np.int32)
         if n >= self.num_queries:
