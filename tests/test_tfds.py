@@ -58,9 +58,13 @@ def test_task_eval_set_is_cached_and_keyed_by_fields(tmp_path, monkeypatch):
     again = list(ip.eval_batches(task, cfg, layout="decoder", length=5, data_dir=tmp_path))
     np.testing.assert_array_equal(first[0]["inputs"], again[0]["inputs"])
     monkeypatch.undo()
-    other = tasks.build({"name": "parity_check", "max_length": 20})
-    list(ip.eval_batches(other, cfg, layout="decoder", length=5, data_dir=tmp_path))
-    assert len(list(tmp_path.glob("attn_task_eval/*"))) == 2
+    shorter = tasks.build({"name": "parity_check", "max_length": 20})  # same examples
+    list(ip.eval_batches(shorter, cfg, layout="decoder", length=5, data_dir=tmp_path))
+    assert len(list(tmp_path.glob("attn_task_eval/*"))) == 1
+    for queries in (4, 2):
+        recall = tasks.build({"name": "associative_recall", "num_queries": queries})
+        list(ip.eval_batches(recall, cfg, layout="decoder", length=5, data_dir=tmp_path))
+    assert len(list(tmp_path.glob("attn_task_eval/*"))) == 3
 
 
 @pytest.fixture

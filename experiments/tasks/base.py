@@ -32,6 +32,8 @@ BATCH_STREAM = 2
 LENGTH_STREAM = 3
 
 LENGTH_KINDS = ("fixed", "uniform", "curriculum")
+# Config fields that choose lengths, not what an example of a given length looks like.
+LENGTH_FIELDS = ("train_lengths", "min_length", "max_length", "curriculum_steps", "eval_lengths")
 
 
 def task_id(name: str) -> int:
@@ -91,6 +93,10 @@ class Task:
             )
         if kind == "curriculum" and int(self.cfg["curriculum_steps"]) <= 0:
             raise ConfigError("task.curriculum_steps: must be > 0 for train_lengths='curriculum'")
+
+    def data_fields(self) -> dict:
+        """The config fields that determine `example` (evaluation sets are keyed by them)."""
+        return {k: v for k, v in self.cfg.items() if k not in LENGTH_FIELDS}
 
     @property
     def name(self) -> str:

@@ -1,6 +1,6 @@
 """TFDS builders (ArrayRecord, no TensorFlow) for fixed evaluation sets and text corpora.
 
-- `AttnTaskEval`: one dataset per (task, task fields, length, num_examples, seed): examples
+- `AttnTaskEval`: one dataset per (task, its data fields, length, num_examples, seed): examples
   `task.example(seed, i, length)` for i < num_examples, split "test". The evaluation protocol
   of Deletang et al. 2023 / Kazemnejad et al. 2023 scores fixed sets per test length.
 - `AttnText`: whole text files of a directory (default: this Python's standard library, the
@@ -135,12 +135,14 @@ def prepare(builder):
 
 
 def task_eval_builder(task, *, length: int, num_examples: int, seed: int, data_dir=None):
-    fields = json.dumps({"name": task.name, **task.cfg}, sort_keys=True, default=list)
-    name = f"{task.name}-{_short_hash(fields)}-n{length}-k{num_examples}-s{seed}"
+    # Named by the fields that shape examples only: runs that differ in training lengths
+    # share one evaluation set.
+    key = json.dumps({"name": task.name, **task.data_fields()}, sort_keys=True, default=list)
+    name = f"{task.name}-{_short_hash(key)}-n{length}-k{num_examples}-s{seed}"
     config = TaskEvalConfig(
         name=name,
-        description=f"{task.name} at length {length}: {fields}",
-        task_cfg=fields,
+        description=f"{task.name} at length {length}: {key}",
+        task_cfg=json.dumps({"name": task.name, **task.cfg}, sort_keys=True, default=list),
         length=length,
         num_examples=num_examples,
         seed=seed,
