@@ -193,6 +193,18 @@ def best_per_task(rows: Sequence[Row]) -> dict[str, Row]:
     return best
 
 
+def mean_reciprocal_rank(rows: Sequence[Row]) -> list[tuple[str, float, int]]:
+    """(variant, MRR, tasks) best first: per task, variants ranked by OOD mean (ID if no OOD),
+    1/rank averaged over the tasks a variant was run on (Kazemnejad et al. 2023's aggregate)."""
+    reciprocal: dict[str, list[float]] = {}
+    for task in dict.fromkeys(r.task for r in rows):
+        ranked = [r for r in rows if r.task == task]  # summarize() sorts best first
+        for rank, row in enumerate(ranked, start=1):
+            reciprocal.setdefault(row.variant, []).append(1.0 / rank)
+    table = [(v, float(np.mean(rr)), len(rr)) for v, rr in reciprocal.items()]
+    return sorted(table, key=lambda t: (-t[1], t[0]))
+
+
 def fmt(metric: str, value: float | None) -> str:
     """Accuracies as percentages with one decimal, everything else with 3 significant digits."""
     if value is None:
@@ -238,6 +250,12 @@ def markdown(rows: Sequence[Row]) -> str:
             ]
             cells += [fmt(metric, r.per_length.get(n, (None, None))[0]) for n in lengths]
             out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    if len({r.task for r in rows}) > 1:
+        out.append("### Mean reciprocal rank over tasks (by OOD mean)\n")
+        out.append("| variant | MRR | tasks |")
+        out.append("|---|---:|---:|")
+        out.extend(f"| {v} | {mrr:.3f} | {k} |" for v, mrr, k in mean_reciprocal_rank(rows))
         out.append("")
     out.append(
         "n: runs (seeds, and any setting the variant label does not name); ID: mean over "
@@ -360,11 +378,48 @@ def plot_attention(
     return path
 
 
-def run_attention(run_dir: str | Path, length: int) -> tuple[dict[int, np.ndarray], list[str]]:
-    """Attention weights of every layer of a run's last checkpoint on one eval example."""
-    from experiments import evaluate
+_SPECIAL_LABELS = {0: "pad", 1: "bos", 2: "sep", 3: "_"}
 
-    return evaluate.attention_maps(Path(run_dir), length=length)
+
+def run_attention(run_dir: str | Path, length: int) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Attention weights (layer -> HLS) of a run's last checkpoint on its first eval example
+    at nominal `length`, cut to the real tokens; and the token labels.
+
+    Restores the run the way `experiments.evaluate` does and calls the model with
+    return_attention over every layer (dropout off, the sampler's evaluation positions).
+    """
+    import jax.numpy as jnp
+
+    import attn.models
+    from experiments import checkpoint, config_utils, input_pipeline, tasks, train
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"--attention: {run_dir} is not a run directory (no config.json)")
+    config = config_utils.load_json(str(run_dir / "config.json"))
+    mesh = train.make_mesh(config)
+    graphdef, _, abstract, shardings = train._init_fn(config, mesh, train.make_optimizer(config))
+    ckpt = checkpoint.Checkpointer(run_dir, keep=config.train.keep_checkpoints)
+    try:
+        state, _ = ckpt.restore(train._with_shardings(abstract, shardings))
+    finally:
+        ckpt.close()
+    if state is None:
+        raise FileNotFoundError(f"--attention: no checkpoint in {run_dir}/checkpoints")
+    model = train.merge_model(graphdef, state)
+    task = tasks.build(config.task)
+    layout = attn.models.batch_format(config.model.name, config.model)
+    data = input_pipeline.eval_batches(
+        task, config, layout=layout, length=length, data_dir=config.eval.data_dir or None
+    )
+    batch = {k: jnp.asarray(v[:1]) for k, v in next(iter(data)).items()}
+    layers = tuple(range(config.model.num_layers))
+    _, maps = model(batch, train=False, return_attention=layers)
+    real = int(np.asarray(batch["token_mask"][0]).sum())
+    weights = {i: np.asarray(w, dtype=np.float32)[0, :, :real, :real] for i, w in maps.items()}
+    ids = np.asarray(batch["inputs"][0, :real]).tolist()
+    symbol = (lambda i: chr(i - 4)) if task.family == "text" else (lambda i: str(i - 4))
+    return weights, [_SPECIAL_LABELS.get(i) or symbol(i) for i in ids]
 
 
 def compare(

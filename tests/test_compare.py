@@ -94,6 +94,15 @@ def test_table_values_match_independent_statistics(runs, tmp_path, capsys):
     assert "### parity_check" in md and "### reverse_string" in md
     row = table[("parity_check", "alibi")]
     assert f"{100 * float(row['ood_mean']):.1f} ± {100 * float(row['ood_std']):.1f}" in md
+    ranks = {}
+    for task in ("parity_check", "reverse_string"):
+        order = sorted(("alibi", "rope"), key=lambda v: -float(table[(task, v)]["ood_mean"]))
+        for rank, variant in enumerate(order, start=1):
+            ranks.setdefault(variant, []).append(1 / rank)
+    rows = compare.summarize([compare.load_run(p) for p in compare.find_runs([root])])
+    mrr = {variant: value for variant, value, _ in compare.mean_reciprocal_rank(rows)}
+    assert mrr == pytest.approx({v: np.mean(r) for v, r in ranks.items()})
+    assert "Mean reciprocal rank" in md
     _png_ok(out / "length_curves.png")
     printed = capsys.readouterr().out
     assert "best on parity_check:" in printed and "best on reverse_string:" in printed
