@@ -16,6 +16,9 @@ Implementations, selected by `impl`:
   against.
 """
 
+import dataclasses
+import functools
+import logging
 import math
 from collections.abc import Callable
 
@@ -24,6 +27,8 @@ import jax.numpy as jnp
 
 from attn import masks as masks_lib
 from attn.registry import ConfigError, lookup
+
+logger = logging.getLogger(__name__)
 
 # Finite so that fully masked rows and bf16 never meet -inf or inf - inf.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -117,16 +122,479 @@ def _reference(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> 
     return _apply_weights(probs, v_BSGK, q_BLHK.dtype)
 
 
-def _auto(q_BLHK, k_BSGK, v_BSGK, **kw) -> jax.Array:
-    # Only the reference exists so far; the shape-based choice arrives with the other impls.
-    return _reference(q_BLHK, k_BSGK, v_BSGK, **kw)
+def _as_4d(x) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(f"attention: mask/bias must broadcast to BHLS, got shape {x.shape}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _sum_to_shape(x_BHLS, shape) -> jax.Array:
+    """Sum a BHLS gradient down to a shape that broadcasts to BHLS (the inverse of broadcasting)."""
+    x = x_BHLS.sum(axis=tuple(range(x_BHLS.ndim - len(shape))))
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and x.shape[a] != 1)
+    return x.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------ chunked
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static description of one chunked call: lengths, blocks, masking and bias layout."""
+
+    L: int
+    S: int
+    H: int
+    bq: int
+    bk: int
+    nq: int
+    nk: int
+    scale: float
+    causal: bool
+    window: int | None
+    bias_fn: Callable | None  # closure-converted: bias_fn(q_idx, k_idx, *consts)
+    bias_sliced: tuple[bool, bool]  # whether the array bias has a full L / S axis
+    mask_sliced: tuple[bool, bool]
+
+    def key_blocks(self, i):
+        """[first, last) key blocks that query block i can see under the causal/window mask."""
+        if not self.causal and self.window is None:
+            return 0, self.nk
+        first_pos = self.S - self.L + i * self.bq
+        last_pos = self.S - self.L + jnp.minimum((i + 1) * self.bq, self.L) - 1
+        if self.causal:
+            hi = last_pos
+        else:
+            hi = last_pos + self.window - 1
+        lo = 0 if self.window is None else first_pos - self.window + 1
+        hi = jnp.minimum(hi, self.S - 1)
+        lo = jnp.maximum(lo, 0)
+        j_lo = lo // self.bk
+        # An empty range (queries before every key when L > S) runs no block: zeros out.
+        return j_lo, jnp.where(hi >= lo, hi // self.bk + 1, j_lo)
+
+    def indices(self, i, j):
+        q_idx = i * self.bq + jnp.arange(self.bq, dtype=jnp.int32)
+        k_idx = j * self.bk + jnp.arange(self.bk, dtype=jnp.int32)
+        return q_idx, k_idx
+
+    def bias_indices(self, i, j):
+        # Padding rows/columns are clamped so that bias callables only see indices into q / k.
+        q_idx, k_idx = self.indices(i, j)
+        return jnp.minimum(q_idx, self.L - 1), jnp.minimum(k_idx, self.S - 1)
+
+
+def _slice_blocks(x4, sliced, plan: _Plan, i, j):
+    """The (query block i, key block j) part of a padded mask/bias array with BHLS axes."""
+    if sliced[0]:
+        x4 = jax.lax.dynamic_slice_in_dim(x4, i * plan.bq, plan.bq, axis=2)
+    if sliced[1]:
+        x4 = jax.lax.dynamic_slice_in_dim(x4, j * plan.bk, plan.bk, axis=3)
+    return x4
+
+
+def _grouped(x4, H: int, G: int):
+    """(b, h, l, s) with h in {1, H} -> (b, G|1, R|1, l, s) to match grouped logits BGRLS."""
+    b, h, l, s = x4.shape
+    if h == 1:
+        return x4.reshape(b, 1, 1, l, s)
+    return x4.reshape(b, G, H // G, l, s)
+
+
+def _bias_block(plan: _Plan, bias, consts, i, j):
+    """Unreduced bias for block (i, j): the callable's output or the array slice, or None."""
+    if plan.bias_fn is not None:
+        return plan.bias_fn(*plan.bias_indices(i, j), *consts)
+    if bias is not None:
+        return _slice_blocks(bias, plan.bias_sliced, plan, i, j)
+    return None
+
+
+def _block_scores(plan: _Plan, q_i, k_j, bias_ij, mask, i, j):
+    """float32 masked logits BGRLS of query block i against key block j."""
+    G = k_j.shape[2]
+    s = jnp.einsum("BLGRK,BSGK->BGRLS", q_i, k_j, preferred_element_type=jnp.float32)
+    s = plan.scale * s
+    if bias_ij is not None:
+        s = s + _grouped(_as_4d(bias_ij).astype(jnp.float32), plan.H, G)
+    q_idx, k_idx = plan.indices(i, j)
+    allowed = None
+    if plan.causal or plan.window is not None:
+        allowed = masks_lib.window_mask(plan.L, plan.S, plan.window, plan.causal, q_idx, k_idx)
+    if plan.nk * plan.bk != plan.S:
+        allowed = masks_lib.combine(allowed, (k_idx < plan.S)[None, :])
+    if mask is not None:
+        allowed = masks_lib.combine(
+            allowed, _grouped(_slice_blocks(mask, plan.mask_sliced, plan, i, j), plan.H, G)
+        )
+    if allowed is None:
+        return s
+    return jnp.where(allowed, s, MASK_VALUE)
+
+
+def _flash_forward(plan: _Plan, q, k, v, bias, mask, consts):
+    """Online-softmax forward over blocks: (out BLGRK in q's dtype, logsumexp BGRL float32)."""
+    B, _, G, R, _ = q.shape
+    Kv = v.shape[-1]
+
+    def query_block(_, i):
+        q_i = jax.lax.dynamic_slice_in_dim(q, i * plan.bq, plan.bq, axis=1)
+
+        def key_block(j, carry):
+            m, l, acc = carry
+            k_j = jax.lax.dynamic_slice_in_dim(k, j * plan.bk, plan.bk, axis=1)
+            v_j = jax.lax.dynamic_slice_in_dim(v, j * plan.bk, plan.bk, axis=1)
+            s = _block_scores(plan, q_i, k_j, _bias_block(plan, bias, consts, i, j), mask, i, j)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            # Masked logits equal MASK_VALUE, so exp underflows to 0 once a row has seen a real
+            # key; before that the row's m is MASK_VALUE and alpha later wipes what it summed.
+            p = jnp.exp(s - m_new[..., None])
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum(
+                "BGRLS,BSGK->BGRLK", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32
+            )
+            return m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + pv
+
+        init = (
+            jnp.full((B, G, R, plan.bq), MASK_VALUE, jnp.float32),
+            jnp.zeros((B, G, R, plan.bq), jnp.float32),
+            jnp.zeros((B, G, R, plan.bq, Kv), jnp.float32),
+        )
+        m, l, acc = jax.lax.fori_loop(*plan.key_blocks(i), key_block, init)
+        seen = m > 0.5 * MASK_VALUE  # False on fully masked rows: they return zeros
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return None, (jnp.einsum("BGRLK->BLGRK", out).astype(q.dtype), lse)
+
+    _, (out, lse) = jax.lax.scan(query_block, None, jnp.arange(plan.nq))
+    out = jnp.moveaxis(out, 0, 1).reshape(B, plan.nq * plan.bq, G, R, Kv)
+    lse = jnp.moveaxis(lse, 0, -2).reshape(B, G, R, plan.nq * plan.bq)
+    return out, lse
+
+
+def _add_at(buf, update, starts):
+    current = jax.lax.dynamic_slice(buf, starts, update.shape)
+    return jax.lax.dynamic_update_slice(buf, current + update, starts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(plan: _Plan, q, k, v, bias, mask, consts):
+    return _flash_forward(plan, q, k, v, bias, mask, consts)[0]
+
+
+def _flash_fwd(plan: _Plan, q, k, v, bias, mask, consts):
+    out, lse = _flash_forward(plan, q, k, v, bias, mask, consts)
+    return out, (q, k, v, bias, mask, consts, out, lse)
+
+
+def _flash_bwd(plan: _Plan, residuals, d_out):
+    """FlashAttention-2 backward: recompute each visible block's probabilities from the saved
+    logsumexp, so memory stays O(L x block) and hidden blocks are skipped as in the forward."""
+    q, k, v, bias, mask, consts, out, lse = residuals
+    B, _, G, R, _ = q.shape
+    delta = jnp.einsum(
+        "BLGRK,BLGRK->BGRL", d_out.astype(jnp.float32), out.astype(jnp.float32)
+    )  # rowsum(dO * O) = sum_j p_ij dp_ij
+
+    def query_block(carry, i):
+        q_i, do_i = (
+            jax.lax.dynamic_slice_in_dim(x, i * plan.bq, plan.bq, axis=1) for x in (q, d_out)
+        )
+        lse_i, delta_i = (
+            jax.lax.dynamic_slice_in_dim(x, i * plan.bq, plan.bq, axis=3)[..., None]
+            for x in (lse, delta)
+        )
+
+        def key_block(j, inner):
+            dq_i, dk, dv, dbias, dconsts = inner
+            k_j = jax.lax.dynamic_slice_in_dim(k, j * plan.bk, plan.bk, axis=1)
+            v_j = jax.lax.dynamic_slice_in_dim(v, j * plan.bk, plan.bk, axis=1)
+            if plan.bias_fn is not None:
+                q_idx, k_idx = plan.bias_indices(i, j)
+                bias_ij, bias_vjp = jax.vjp(lambda *c: plan.bias_fn(q_idx, k_idx, *c), *consts)
+            else:
+                bias_ij = _bias_block(plan, bias, consts, i, j)
+            s = _block_scores(plan, q_i, k_j, bias_ij, mask, i, j)
+            p = jnp.exp(s - lse_i)
+            dv_j = jnp.einsum(
+                "BGRLS,BLGRK->BSGK", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32
+            )
+            dp = jnp.einsum("BLGRK,BSGK->BGRLS", do_i, v_j, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i)  # d logits, before the scale
+            ds_in = ds.astype(q.dtype)
+            dq_i = dq_i + plan.scale * jnp.einsum(
+                "BGRLS,BSGK->BLGRK", ds_in, k_j, preferred_element_type=jnp.float32
+            )
+            dk_j = plan.scale * jnp.einsum(
+                "BGRLS,BLGRK->BSGK", ds_in, q_i, preferred_element_type=jnp.float32
+            )
+            dk = _add_at(dk, dk_j, (0, j * plan.bk, 0, 0))
+            dv = _add_at(dv, dv_j, (0, j * plan.bk, 0, 0))
+            ds_BHLS = ds.reshape(B, G * R, plan.bq, plan.bk)
+            if dbias is not None:
+                starts = (
+                    0,
+                    0,
+                    i * plan.bq if plan.bias_sliced[0] else 0,
+                    j * plan.bk if plan.bias_sliced[1] else 0,
+                )
+                dbias = _add_at(dbias, _sum_to_shape(ds_BHLS, bias_ij.shape), starts)
+            if dconsts:
+                d_bias_ij = _sum_to_shape(ds_BHLS, jnp.shape(bias_ij)).astype(bias_ij.dtype)
+                dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(d_bias_ij))
+            return dq_i, dk, dv, dbias, dconsts
+
+        dq_i = jnp.zeros(q_i.shape, jnp.float32)
+        dq_i, *carry = jax.lax.fori_loop(*plan.key_blocks(i), key_block, (dq_i, *carry))
+        return tuple(carry), dq_i.astype(q.dtype)
+
+    init = (
+        jnp.zeros(k.shape, jnp.float32),
+        jnp.zeros(v.shape, jnp.float32),
+        None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+        tuple(jnp.zeros_like(c) for c in consts),
+    )
+    (dk, dv, dbias, dconsts), dq = jax.lax.scan(query_block, init, jnp.arange(plan.nq))
+    dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape)
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, dconsts
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _padded_operand(x, B: int, H: int, L: int, S: int, Lp: int, Sp: int, fill):
+    """Mask/bias array as 4-D BHLS-broadcastable, full L/S axes padded to the block grid.
+
+    Returns (array, (l_sliced, s_sliced)); an axis of size 1 broadcasts and is not sliced.
+    """
+    x4 = _as_4d(x)
+    b, h, l, s = x4.shape
+    if b not in (1, B) or h not in (1, H) or l not in (1, L) or s not in (1, S):
+        raise ValueError(
+            f"attention: mask/bias shape {jnp.shape(x)} does not broadcast to BHLS "
+            f"({B}, {H}, {L}, {S})"
+        )
+    sliced = (l != 1, s != 1)
+    pads = [(0, 0), (0, 0), (0, Lp - L if sliced[0] else 0), (0, Sp - S if sliced[1] else 0)]
+    return jnp.pad(x4, pads, constant_values=fill), sliced
+
+
+def chunked_attention(
+    q_BLHK,
+    k_BSGK,
+    v_BSGK,
+    *,
+    bias=None,
+    mask=None,
+    causal=False,
+    window=None,
+    scale=None,
+    block_q=DEFAULT_BLOCK_Q,
+    block_k=DEFAULT_BLOCK_K,
+) -> jax.Array:
+    """Blockwise online-softmax attention (Rabe & Staats 2021; Dao et al. 2022, FlashAttention).
+
+    Memory is O(L x block) in the forward and the backward (custom VJP that recomputes block
+    probabilities from the saved logsumexp). Key blocks hidden by the causal/window mask are
+    skipped in both passes. Bias callables are called per block with clamped indices; their
+    closed-over float arrays (e.g. learned relative-bias tables) get gradients.
+    """
+    B, L, H, K = q_BLHK.shape
+    S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+    bq, bk = min(block_q, L), min(block_k, S)
+    nq, nk = -(-L // bq), -(-S // bk)
+    Lp, Sp = nq * bq, nk * bk
+    q = jnp.pad(q_BLHK.reshape(B, L, G, H // G, K), [(0, 0), (0, Lp - L), (0, 0), (0, 0), (0, 0)])
+    k, v = (jnp.pad(x, [(0, 0), (0, Sp - S), (0, 0), (0, 0)]) for x in (k_BSGK, v_BSGK))
+
+    mask_arr, mask_sliced = None, (False, False)
+    if mask is not None:
+        mask_arr, mask_sliced = _padded_operand(
+            jnp.asarray(mask, bool), B, H, L, S, Lp, Sp, fill=False
+        )
+    bias_fn, consts, bias_arr, bias_sliced = None, (), None, (False, False)
+    if callable(bias):
+        example = (jnp.zeros((bq,), jnp.int32), jnp.zeros((bk,), jnp.int32))
+        bias_fn, consts = jax.closure_convert(bias, *example)
+    elif bias is not None:
+        bias_arr, bias_sliced = _padded_operand(bias, B, H, L, S, Lp, Sp, fill=0)
+
+    plan = _Plan(
+        L=L,
+        S=S,
+        H=H,
+        bq=bq,
+        bk=bk,
+        nq=nq,
+        nk=nk,
+        scale=_default_scale(scale, K),
+        causal=causal,
+        window=window,
+        bias_fn=bias_fn,
+        bias_sliced=bias_sliced,
+        mask_sliced=mask_sliced,
+    )
+    out = _flash(plan, q, k, v, bias_arr, mask_arr, tuple(consts))
+    return out[:, :L].reshape(B, L, H, v_BSGK.shape[-1])
+
+
+# ------------------------------------------------------------------------------ xla / cudnn
+
+
+def _materialised_operands(L: int, S: int, bias, mask, causal: bool, window):
+    """4-D float32 bias (callables evaluated on all indices) and 4-D combined mask, or None."""
+    b = _block_bias(bias, jnp.arange(L, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
+    allowed = _full_mask(L, S, mask, causal, window)
+    return (
+        None if b is None else _as_4d(b),
+        None if allowed is None else _as_4d(allowed),
+    )
+
+
+def _zero_masked_rows(out_BLHK, allowed4):
+    """jax.nn.dot_product_attention averages over a fully masked row; ours returns zeros."""
+    if allowed4 is None:
+        return out_BLHK
+    row_any = jnp.any(allowed4, axis=-1)  # (b, h, L)
+    return jnp.where(jnp.einsum("bhL->bLh", row_any)[..., None], out_BLHK, 0)
+
+
+def _jax_nn(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale, implementation, flags):
+    """jax.nn.dot_product_attention with our masks; `flags` are its is_causal/local_window_size
+    when their (top-left aligned) meaning equals ours, else our mask is passed explicitly."""
+    L, S = q_BLHK.shape[1], k_BSGK.shape[1]
+    if flags:
+        b, allowed = _materialised_operands(L, S, bias, mask, False, None)
+    else:
+        b, allowed = _materialised_operands(L, S, bias, mask, causal, window)
+    out = jax.nn.dot_product_attention(
+        q_BLHK,
+        k_BSGK.astype(q_BLHK.dtype),
+        v_BSGK.astype(q_BLHK.dtype),
+        bias=b,
+        mask=allowed,
+        scale=_default_scale(scale, q_BLHK.shape[-1]),
+        implementation=implementation,
+        **flags,
+    )
+    return _zero_masked_rows(out, allowed)
+
+
+def _xla(q_BLHK, k_BSGK, v_BSGK, **kw) -> jax.Array:
+    # XLA materialises the mask anyway, so our bottom-right mask is always passed explicitly.
+    return _jax_nn(q_BLHK, k_BSGK, v_BSGK, implementation="xla", flags={}, **kw)
+
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def cudnn_unsupported_reason(q_shape, dtype, backend: str) -> str | None:
+    """Why cuDNN flash attention cannot run this call, or None if it can."""
+    if backend != "gpu":
+        return f"needs a GPU, the JAX backend is {backend}"
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+        return f"needs bfloat16/float16 inputs, got {jnp.dtype(dtype).name}"
+    K = q_shape[-1]
+    if K % 8 or K > 256:
+        return f"needs a head dim that is a multiple of 8 up to 256, got {K}"
+    return None
+
+
+def _cudnn(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.Array:
+    reason = cudnn_unsupported_reason(q_BLHK.shape, q_BLHK.dtype, jax.default_backend())
+    if reason is not None:
+        raise ConfigError(f"model.impl: 'cudnn' {reason}; use 'auto', 'xla' or 'chunked'")
+    flags = {}
+    # cuDNN's causal mask and left window are top-left aligned, which equals ours when L == S;
+    # it has no right window, so a non-causal window goes in as an explicit mask.
+    if q_BLHK.shape[1] == k_BSGK.shape[1] and causal:
+        flags = {"is_causal": True}
+        if window is not None:
+            flags["local_window_size"] = (window - 1, 0)
+    return _jax_nn(
+        q_BLHK,
+        k_BSGK,
+        v_BSGK,
+        bias=bias,
+        mask=mask,
+        causal=causal,
+        window=window,
+        scale=scale,
+        implementation="cudnn",
+        flags=flags,
+    )
+
+
+# ------------------------------------------------------------------------------------- auto
+
+AUTO_MAX_LOGITS_BYTES = 256 * 2**20
+AUTO_CHUNKED_CAUSAL_MIN_LEN = 2048
+_logged_choices: set = set()
+
+
+def choose_impl(
+    q_shape, k_shape, *, dtype, causal=False, window=None, callable_bias=False, backend="cpu"
+) -> str:
+    """The implementation `impl="auto"` uses for these shapes, bias kind and backend.
+
+    cuDNN where it runs; chunked when float32 logits (plus a materialised bias callable) would
+    exceed AUTO_MAX_LOGITS_BYTES, or when a causal/window mask hides enough key blocks for
+    skipping them to beat materialising; otherwise XLA.
+    """
+    B, L, H, _ = q_shape
+    S = k_shape[1]
+    if cudnn_unsupported_reason(q_shape, dtype, backend) is None:
+        return "cudnn"
+    logits_bytes = B * H * L * S * 4 * (2 if callable_bias else 1)
+    masked = causal or window is not None
+    if logits_bytes > AUTO_MAX_LOGITS_BYTES or (
+        masked and min(L, S) >= AUTO_CHUNKED_CAUSAL_MIN_LEN
+    ):
+        return "chunked"
+    return "xla"
+
+
+def _auto(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.Array:
+    name = choose_impl(
+        q_BLHK.shape,
+        k_BSGK.shape,
+        dtype=q_BLHK.dtype,
+        causal=causal,
+        window=window,
+        callable_bias=callable(bias),
+        backend=jax.default_backend(),
+    )
+    B, L, H, _ = q_BLHK.shape
+    key = (name, B, L, k_BSGK.shape[1], H, k_BSGK.shape[2])
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logger.info(
+            "attention impl=auto picked %s for B=%d,L=%d,S=%d,H=%d,G=%d",
+            name,
+            B,
+            L,
+            key[3],
+            H,
+            key[5],
+        )
+    return IMPLEMENTATIONS[name](
+        q_BLHK, k_BSGK, v_BSGK, bias=bias, mask=mask, causal=causal, window=window, scale=scale
+    )
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "reference": _reference,
+    "chunked": chunked_attention,
+    "xla": _xla,
+    "cudnn": _cudnn,
     "auto": _auto,
 }
-IMPLS = ("reference", "chunked", "xla", "cudnn", "auto")
+IMPLS = tuple(IMPLEMENTATIONS)
 
 
 def dot_product_attention(
@@ -157,4 +625,12 @@ def dot_product_attention(
     )
 
 
-__all__ = ["IMPLS", "MASK_VALUE", "ConfigError", "attention_weights", "dot_product_attention"]
+__all__ = [
+    "IMPLS",
+    "MASK_VALUE",
+    "ConfigError",
+    "attention_weights",
+    "choose_impl",
+    "chunked_attention",
+    "dot_product_attention",
+]

@@ -1,5 +1,7 @@
 """Tests for attn.attention: the reference against NumPy, every impl against the reference."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,13 +10,20 @@ import pytest
 from attn import attention
 from attn.registry import ConfigError
 
+HAS_GPU = jax.default_backend() == "gpu"
 
-def _qkv(key, B=2, L=5, S=7, H=4, G=2, K=8, dtype=jnp.float32):
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (B, L, H, K), dtype)
-    k = jax.random.normal(kk, (B, S, G, K), dtype)
-    v = jax.random.normal(kv, (B, S, G, K), dtype)
-    return q, k, v
+
+def _normal(seed, shape, dtype=jnp.float32):
+    # NumPy draws: jax.random would compile once per shape, which dominates these tiny tests.
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _qkv(seed, B=2, L=5, S=7, H=4, G=2, K=8, dtype=jnp.float32):
+    return (
+        _normal(seed, (B, L, H, K), dtype),
+        _normal(seed + 1000, (B, S, G, K), dtype),
+        _normal(seed + 2000, (B, S, G, K), dtype),
+    )
 
 
 def _numpy_attention(q, k, v, *, bias=None, allowed=None, scale=None):
@@ -27,29 +36,253 @@ def _numpy_attention(q, k, v, *, bias=None, allowed=None, scale=None):
     logits = scale * np.einsum("blhk,bshk->bhls", q, kh)
     if bias is not None:
         logits = logits + np.asarray(bias, np.float64)
-    allowed = (
-        np.ones(logits.shape, bool) if allowed is None else np.broadcast_to(allowed, logits.shape)
-    )
-    logits = np.where(allowed, logits, -np.inf)
-    m = np.max(logits, -1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0)
-    e = np.where(allowed, np.exp(logits - m), 0)
+    allowed = np.broadcast_to(True if allowed is None else allowed, logits.shape)
+    row_max = np.max(np.where(allowed, logits, -np.inf), -1, keepdims=True)
+    e = np.exp(np.where(allowed, logits - np.where(np.isfinite(row_max), row_max, 0), -np.inf))
     denom = e.sum(-1, keepdims=True)
-    p = np.where(denom > 0, e / np.where(denom > 0, denom, 1), 0)
+    p = e / np.where(denom > 0, denom, 1)
     return np.einsum("bhls,bshk->blhk", p, vh), p
 
 
-def test_reference_matches_numpy_gqa_causal_bias():
-    q, k, v = _qkv(jax.random.key(0))
-    bias = jax.random.normal(jax.random.key(1), (1, 4, 5, 7))
-    out = attention.dot_product_attention(q, k, v, bias=bias, causal=True, impl="reference")
-    L, S = 5, 7
-    allowed = (np.arange(L)[:, None] + S - L) >= np.arange(S)[None, :]
-    expected, _ = _numpy_attention(q, k, v, bias=bias, allowed=allowed)
+def _bottom_right(L, S, causal, window):
+    rel = (np.arange(L)[:, None] + S - L) - np.arange(S)[None, :]
+    allowed = np.ones((L, S), bool)
+    if causal:
+        allowed &= rel >= 0
+    if window is not None:
+        allowed &= np.abs(rel) < window
+    return allowed
+
+
+@pytest.mark.parametrize(
+    "L,S,H,G,causal,window",
+    [
+        (5, 7, 4, 2, True, None),
+        (6, 3, 2, 1, True, 2),
+        (7, 7, 2, 2, False, 3),
+    ],
+)
+def test_reference_matches_numpy(L, S, H, G, causal, window):
+    q, k, v = _qkv(0, L=L, S=S, H=H, G=G)
+    bias = _normal(1, (1, H, L, S))
+    out = jax.jit(
+        lambda q, k, v, bias: attention.dot_product_attention(
+            q, k, v, bias=bias, causal=causal, window=window, impl="reference"
+        )
+    )(q, k, v, bias)
+    expected, probs = _numpy_attention(
+        q, k, v, bias=bias, allowed=_bottom_right(L, S, causal, window)
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    weights = jax.jit(
+        lambda q, k, bias: attention.attention_weights(
+            q, k, bias=bias, causal=causal, window=window
+        )
+    )(q, k, bias)
+    assert weights.shape == (2, H, L, S) and weights.dtype == jnp.float32
+    np.testing.assert_allclose(weights, probs, rtol=1e-5, atol=1e-6)
+
+
+def _table_bias(H, L, S, seed=5):
+    """A learned-relative-bias-like callable closing over a parameter table, and its table."""
+    table = _normal(seed, (H, L + S))
+
+    def make(table):
+        def bias_fn(q_idx, k_idx):
+            return table[:, k_idx[None, :] - q_idx[:, None] + L - 1]
+
+        return bias_fn
+
+    return make, table
+
+
+# (name, B, L, S, H, G, causal, window, mask kind, bias kind)
+CASES = [
+    ("mha", 2, 8, 8, 2, 2, False, None, None, None),
+    ("kv_cache_causal_gqa", 2, 3, 10, 4, 2, True, None, None, "full"),
+    ("more_queries_mqa", 1, 10, 4, 4, 1, True, None, None, None),
+    ("causal_window_gqa", 1, 11, 11, 4, 2, True, 3, None, "heads_keys"),
+    ("window_bidirectional", 2, 7, 12, 2, 1, False, 4, "keys", None),
+    ("padding_masks", 2, 9, 9, 2, 2, True, None, "pad", "full"),
+    ("callable_bias_causal", 2, 9, 13, 2, 1, True, None, "keys", "callable"),
+    ("fully_masked_rows", 2, 6, 5, 2, 2, False, None, "rows", "full"),
+]
+
+
+def _case_operands(B, L, S, H, G, mask_kind, bias_kind):
+    q, k, v = _qkv(len(mask_kind or "") + L, B=B, L=L, S=S, H=H, G=G)
+    rng = np.random.default_rng(L * S)
+    mask = {
+        None: None,
+        "keys": rng.random((B, 1, 1, S)) < 0.8,
+        "pad": (np.arange(L)[None, :, None] < np.array([L, L - 3])[:, None, None])[:, None]
+        & (np.arange(S)[None, None, :] < np.array([S, S - 4])[:, None, None])[:, None],
+        "rows": np.broadcast_to(np.arange(L)[:, None] % 3 != 1, (B, 1, L, S)),
+    }[mask_kind]
+    bias_shape = {"full": (B, H, L, S), "heads_keys": (1, H, 1, S)}.get(bias_kind)
+    bias = None if bias_shape is None else _normal(7, bias_shape)
+    return q, k, v, mask, bias
+
+
+def _loss_and_grads(impl, causal, window, mask, bias_kind, **block):
+    """jit(value_and_grad) of a weighted output sum w.r.t. q, k, v and the bias (array/table)."""
+
+    def loss(q, k, v, bias_param):
+        bias = bias_param
+        if bias_kind == "callable":
+            bias = _table_bias(q.shape[2], q.shape[1], k.shape[1])[0](bias_param)
+        fn = attention.chunked_attention if impl == "chunked" else attention.dot_product_attention
+        kw = block if impl == "chunked" else {"impl": impl}
+        out = fn(q, k, v, bias=bias, mask=mask, causal=causal, window=window, **kw)
+        weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+
+    argnums = (0, 1, 2) if bias_kind is None else (0, 1, 2, 3)
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_impls_match_reference(case):
+    _, B, L, S, H, G, causal, window, mask_kind, bias_kind = case
+    q, k, v, mask, bias = _case_operands(B, L, S, H, G, mask_kind, bias_kind)
+    if bias_kind == "callable":
+        bias = _table_bias(H, L, S)[1]
+    args = (q, k, v, bias)
+    (_, want), want_grads = _loss_and_grads("reference", causal, window, mask, bias_kind)(*args)
+    for impl in ("chunked", "xla"):
+        # Blocks of 4 x 3 make several blocks with ragged ends in every case.
+        (_, got), grads = _loss_and_grads(
+            impl, causal, window, mask, bias_kind, block_q=4, block_k=3
+        )(*args)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=impl)
+        for g, w in zip(grads, want_grads, strict=True):
+            assert bool(jnp.all(jnp.isfinite(g))), impl
+            np.testing.assert_allclose(g, w, rtol=5e-5, atol=5e-5, err_msg=impl)
+        if mask_kind == "rows":
+            np.testing.assert_array_equal(got[:, 1::3], 0.0)
+
+
+def test_bf16_inputs_close_to_float32_reference():
+    q, k, v = _qkv(3, L=9, S=9)
+    want = attention.dot_product_attention(q, k, v, causal=True, impl="reference")
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    for impl in ("chunked", "xla"):
+
+        def loss(q, k, v, impl=impl):
+            out = attention.dot_product_attention(q, k, v, causal=True, impl=impl)
+            return out.astype(jnp.float32).sum(), out
+
+        (_, got), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(qb, kb, vb)
+        assert got.dtype == jnp.bfloat16 and grad.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2, err_msg=impl)
+        assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_bf16_softmax_is_float32():
+    # Two logits that bf16 rounds together (256 vs 257) must still get distinct weights.
+    q = jnp.ones((1, 1, 1, 1), jnp.bfloat16)
+    k = jnp.array([256.0, 257.0], jnp.float32).reshape(1, 2, 1, 1)
+    bias = jnp.array([0.0, 1.0], jnp.float32)
+    w = attention.attention_weights(q, jnp.zeros_like(k, jnp.bfloat16), bias=bias, scale=1.0)
+    assert w.dtype == jnp.float32
+    np.testing.assert_allclose(w[0, 0, 0], jax.nn.softmax(bias), rtol=1e-6)
+
+
+def test_chunked_default_blocks_and_jit_equal_no_jit():
+    q, k, v = _qkv(4, L=7, S=11)
+    want = attention.dot_product_attention(q, k, v, causal=True, window=5, impl="reference")
+    fn = lambda q, k, v: attention.dot_product_attention(
+        q, k, v, causal=True, window=5, impl="chunked"
+    )
+    np.testing.assert_allclose(fn(q, k, v), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "xla"])
+def test_causality_by_gradient(impl):
+    B, L, S = 1, 4, 7
+    q, k, v = _qkv(5, B=B, L=L, S=S)
+    kw = {"block_q": 2, "block_k": 3} if impl == "chunked" else {"impl": impl}
+    fn = attention.chunked_attention if impl == "chunked" else attention.dot_product_attention
+    jac = jax.jit(jax.jacrev(lambda k: fn(q, k, v, causal=True, **kw)[0].sum(axis=(1, 2))))(k)
+    dependence = np.abs(np.asarray(jac)).sum(axis=(1, 3, 4))  # (L, S): d out[i] / d k[j]
+    for i in range(L):
+        pos = S - L + i
+        assert np.all(dependence[i, pos + 1 :] == 0), (i, pos)
+        assert np.all(dependence[i, : pos + 1] > 0), (i, pos)
+
+
+def test_default_scale_keeps_logit_variance_near_one():
+    # For unit-variance q, k the raw q.k has variance K; 1/sqrt(K) brings it back to 1. The
+    # scaled logit difference of two keys, log(w0 / w1), then has variance 2.
+    weights = jax.jit(lambda q, k: attention.attention_weights(q, k))
+    rng = np.random.default_rng(0)
+    for K in (8, 32, 128, 512):
+        q = rng.standard_normal((4096, 1, 1, K)).astype(np.float32)
+        k = rng.standard_normal((4096, 2, 1, K)).astype(np.float32)
+        raw = np.einsum("nk,nk->n", q[:, 0, 0], k[:, 0, 0])
+        assert abs(raw.var() / K - 1) < 0.15
+        w = np.asarray(weights(q, k), np.float64)[:, 0, 0]
+        assert abs(np.log(w[:, 0] / w[:, 1]).var() / 2 - 1) < 0.15
 
 
 def test_unknown_impl_raises():
-    q, k, v = _qkv(jax.random.key(0))
+    q, k, v = _qkv(0)
     with pytest.raises(ConfigError, match="model.impl"):
         attention.dot_product_attention(q, k, v, impl="nope")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU error")
+def test_cudnn_without_gpu_raises_config_error():
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    k = v = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    with pytest.raises(ConfigError, match="model.impl: 'cudnn' needs a GPU"):
+        attention.dot_product_attention(q, k, v, impl="cudnn")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="cuDNN needs a GPU")
+@pytest.mark.parametrize(
+    "L,S,causal,window", [(16, 16, True, None), (8, 24, True, 4), (16, 16, False, 5)]
+)
+def test_cudnn_matches_reference(L, S, causal, window):
+    q, k, v = _qkv(0, L=L, S=S, K=64, dtype=jnp.bfloat16)
+    want = attention.dot_product_attention(q, k, v, causal=causal, window=window, impl="reference")
+    got = attention.dot_product_attention(q, k, v, causal=causal, window=window, impl="cudnn")
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=3e-2)
+
+
+def test_bad_shapes_raise():
+    q = jnp.zeros((1, 2, 4, 8))
+    k = jnp.zeros((1, 2, 3, 8))
+    with pytest.raises(ValueError, match="multiple"):
+        attention.dot_product_attention(q, k, k, impl="reference")
+
+
+def test_auto_choice():
+    small = dict(dtype=jnp.float32, backend="cpu")
+    assert attention.choose_impl((2, 128, 8, 64), (2, 128, 8, 64), **small) == "xla"
+    # 1 x 8 x 16k x 16k float32 logits = 8 GiB: chunked.
+    assert attention.choose_impl((1, 16384, 8, 64), (1, 16384, 8, 64), **small) == "chunked"
+    assert (
+        attention.choose_impl((1, 4096, 8, 64), (1, 4096, 8, 64), causal=True, **small) == "chunked"
+    )
+    assert attention.choose_impl((1, 1, 8, 64), (1, 4096, 8, 64), causal=True, **small) == "xla"
+    gpu = dict(dtype=jnp.bfloat16, backend="gpu")
+    assert attention.choose_impl((1, 4096, 8, 64), (1, 4096, 8, 64), **gpu) == "cudnn"
+    assert attention.choose_impl((1, 64, 8, 12), (1, 64, 8, 12), **gpu) == "xla"
+
+
+def test_auto_runs_and_logs_once(caplog):
+    q, k, v = _qkv(8, L=3, S=5)
+    with caplog.at_level(logging.INFO, logger="attn.attention"):
+        attention._logged_choices.clear()
+        out = attention.dot_product_attention(q, k, v, causal=True)
+        attention.dot_product_attention(q, k, v, causal=True)
+    want = attention.dot_product_attention(q, k, v, causal=True, impl="reference")
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    picked = [r for r in caplog.records if "impl=auto picked" in r.getMessage()]
+    assert len(picked) == 1 and "B=2,L=3,S=5" in picked[0].getMessage()
+
+
+def test_impls_listed():
+    assert set(attention.IMPLS) == {"reference", "chunked", "xla", "cudnn", "auto"}
