@@ -51,7 +51,7 @@ def _check_shapes(q_BLHK, k_BSGK, v_BSGK) -> None:
         raise ValueError(f"attention: query heads H={H} must be a multiple of kv heads G={G}")
 
 
-def _default_scale(scale, K: int) -> float:
+def default_scale(scale, K: int) -> float:
     return 1.0 / math.sqrt(K) if scale is None else scale
 
 
@@ -64,7 +64,12 @@ def _block_bias(bias, q_idx, k_idx):
     return jnp.asarray(bias, jnp.float32)
 
 
-def _full_mask(L: int, S: int, mask, causal: bool, window):
+def full_bias(bias, L: int, S: int):
+    """The whole float32 bias (a callable is evaluated on all L x S indices), or None."""
+    return _block_bias(bias, jnp.arange(L, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
+
+
+def combined_mask(L: int, S: int, mask, causal: bool, window):
     """The user mask AND the causal/window mask (LS), or None when nothing is masked."""
     positional = (
         masks_lib.window_mask(L, S, window, causal) if (causal or window is not None) else None
@@ -72,7 +77,7 @@ def _full_mask(L: int, S: int, mask, causal: bool, window):
     return masks_lib.combine(mask, positional)
 
 
-def _grouped_logits(q_BLHK, k_BSGK, scale) -> jax.Array:
+def grouped_logits(q_BLHK, k_BSGK, scale) -> jax.Array:
     """float32 scale * q.k as BHLS, with contiguous query-head groups per kv head."""
     B, L, H, K = q_BLHK.shape
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
@@ -81,7 +86,7 @@ def _grouped_logits(q_BLHK, k_BSGK, scale) -> jax.Array:
     return scale * logits.reshape(B, H, L, S)
 
 
-def _masked_softmax(logits_BHLS, allowed) -> jax.Array:
+def masked_softmax(logits_BHLS, allowed) -> jax.Array:
     """float32 softmax over keys; masked entries and fully masked rows get exactly 0."""
     if allowed is None:
         return jax.nn.softmax(logits_BHLS, axis=-1)
@@ -99,15 +104,15 @@ def attention_weights(
     masks_lib.check_window(window)
     B, L, H, K = q_BLHK.shape
     S = k_BSGK.shape[1]
-    logits = _grouped_logits(q_BLHK, k_BSGK, _default_scale(scale, K))
-    b = _block_bias(bias, jnp.arange(L, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
+    logits = grouped_logits(q_BLHK, k_BSGK, default_scale(scale, K))
+    b = full_bias(bias, L, S)
     if b is not None:
         logits = logits + b
-    probs = _masked_softmax(logits, _full_mask(L, S, mask, causal, window))
+    probs = masked_softmax(logits, combined_mask(L, S, mask, causal, window))
     return jnp.broadcast_to(probs, (B, H, L, S))
 
 
-def _apply_weights(probs_BHLS, v_BSGK, dtype) -> jax.Array:
+def apply_weights(probs_BHLS, v_BSGK, dtype) -> jax.Array:
     B, H, L, S = probs_BHLS.shape
     G = v_BSGK.shape[2]
     p = probs_BHLS.reshape(B, G, H // G, L, S)
@@ -119,7 +124,7 @@ def _reference(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> 
     probs = attention_weights(
         q_BLHK, k_BSGK, bias=bias, mask=mask, causal=causal, window=window, scale=scale
     )
-    return _apply_weights(probs, v_BSGK, q_BLHK.dtype)
+    return apply_weights(probs, v_BSGK, q_BLHK.dtype)
 
 
 def _as_4d(x) -> jax.Array:
@@ -432,7 +437,7 @@ def chunked_attention(
         bk=bk,
         nq=nq,
         nk=nk,
-        scale=_default_scale(scale, K),
+        scale=default_scale(scale, K),
         causal=causal,
         window=window,
         bias_fn=bias_fn,
@@ -448,8 +453,8 @@ def chunked_attention(
 
 def _materialised_operands(L: int, S: int, bias, mask, causal: bool, window):
     """4-D float32 bias (callables evaluated on all indices) and 4-D combined mask, or None."""
-    b = _block_bias(bias, jnp.arange(L, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
-    allowed = _full_mask(L, S, mask, causal, window)
+    b = full_bias(bias, L, S)
+    allowed = combined_mask(L, S, mask, causal, window)
     return (
         None if b is None else _as_4d(b),
         None if allowed is None else _as_4d(allowed),
@@ -478,7 +483,7 @@ def _jax_nn(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale, implem
         v_BSGK.astype(q_BLHK.dtype),
         bias=b,
         mask=allowed,
-        scale=_default_scale(scale, q_BLHK.shape[-1]),
+        scale=default_scale(scale, q_BLHK.shape[-1]),
         implementation=implementation,
         **flags,
     )
