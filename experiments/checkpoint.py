@@ -318,6 +318,18 @@ def verify_step_dir(step_dir: str | os.PathLike) -> str | None:
     return None
 
 
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops orbax's own ERROR logs (with tracebacks) while a Checkpointer is open.
+
+    Every orbax failure reaches the caller of save/wait/restore as a one-line RunError (the
+    orbax exception chained to it), so the user sees that one line instead of two tracebacks
+    logged from orbax's threads.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
 def _abstract_leaf(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
@@ -362,6 +374,8 @@ class Checkpointer:
         self.last_save_seconds: dict[str, float] = {}
         self.last_restore_seconds: float | None = None
         self._save_started = 0.0
+        self._quiet = _QuietOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._quiet)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -376,6 +390,7 @@ class Checkpointer:
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
+            logging.getLogger("absl").removeFilter(self._quiet)
             raise RunError(
                 f"checkpoint directory {self.directory} is not usable: {one_line(e)}"
             ) from None
@@ -464,6 +479,7 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+            logging.getLogger("absl").removeFilter(self._quiet)
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -281,7 +281,8 @@ def test_restore_into_a_changed_state_is_a_run_error_not_a_quarantine(tmp_path):
     assert ck.verify_step_dir(tmp_path / "checkpoints" / "1") is None
 
 
-def test_disk_full_during_async_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+def test_disk_full_during_async_save_keeps_previous_checkpoint(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     c = ck.Checkpointer(tmp_path, keep=1)
     c.save(1, _state(1))
     c.wait()
@@ -298,6 +299,8 @@ def test_disk_full_during_async_save_keeps_previous_checkpoint(tmp_path, monkeyp
         f"disk full while saving checkpoint step 2 in workdir {tmp_path}; "
         "the previous checkpoint (step 1) is intact"
     )
+    # The user sees that one line, not orbax's own error logs with their tracebacks.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     monkeypatch.undo()
     assert ck.verify_step_dir(tmp_path / "checkpoints" / "1") is None
     c.close()
