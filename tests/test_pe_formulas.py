@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from attn.pe import alibi, rope, sinusoidal, t5
+import attn.pe
+from attn.pe import alibi, rope, sinusoidal, t5, xpos
 
 RNG = np.random.default_rng(0)
 
@@ -258,3 +260,176 @@ def test_formulas_are_jittable():
     pos = jnp.arange(6)[None]
     x = jnp.ones((1, 6, 2, 8))
     np.testing.assert_allclose(jax.jit(rope.rotate)(x, pos), rope.rotate(x, pos), atol=1e-6)
+
+
+# --- xPos -------------------------------------------------------------------------------
+
+
+def np_softplus(x):
+    return np.log1p(np.exp(np.asarray(x, np.float64)))
+
+
+def learned_pe(name, causal, num_heads=3, head_dim=8, seed=0, **fields):
+    """An encoding with its parameters perturbed (so zero inits do not hide terms)."""
+    pe = attn.pe.build(
+        {**attn.pe.default_config(name), **fields},
+        d_model=8,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        causal=causal,
+        rngs=nnx.Rngs(seed),
+    )
+    state = nnx.state(pe, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    noisy = [x + 0.3 * RNG.normal(size=x.shape).astype(np.float32) for x in leaves]
+    nnx.update(pe, jax.tree.unflatten(treedef, noisy))
+    return pe
+
+
+def np_xpos_scale(pos, rot, gamma, scale_base):
+    zeta = np.array([(2 * i / rot + gamma) / (1 + gamma) for i in range(rot // 2)])
+    return zeta[None, None, :] ** (np.asarray(pos, np.float64)[..., None] / scale_base)
+
+
+def test_xpos_scales():
+    pos = np.array([[0, 1, 100, 1000]])
+    got = xpos.scales(jnp.asarray(pos), 8, gamma=0.4, scale_base=512.0)
+    np.testing.assert_allclose(got, np_xpos_scale(pos, 8, 0.4, 512.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_xpos_rotate_hook(layout):
+    pe = learned_pe("xpos", True, layout=layout, scale_base=16.0)
+    q = RNG.normal(size=(1, 4, 3, 8))
+    k = RNG.normal(size=(1, 4, 3, 8))
+    pos = np.array([[0, 3, 9, 30]])
+    q2, k2 = pe.rotate(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), pos, pos)
+    s = np_xpos_scale(pos, 8, 0.4, 16.0)[:, :, None, :]
+    s = np.concatenate([s, s], -1) if layout == "half" else np.repeat(s, 2, -1)
+    np.testing.assert_allclose(q2, np_rope(q, pos, layout=layout) * s, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(k2, np_rope(k, pos, layout=layout) / s, rtol=1e-4, atol=1e-5)
+
+
+# --- KERPLE -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["log", "power"])
+def test_kerple_bias(variant):
+    pe = learned_pe("kerple", True, variant=variant)
+    r1 = np_softplus(pe.raw_r1[...])
+    raw2 = np.asarray(pe.raw_r2[...], np.float64)
+    r2 = 2 / (1 + np.exp(-raw2)) if variant == "power" else np_softplus(raw2)
+    assert np.all(r1 > 0) and np.all(r2 > 0) and (variant == "log" or np.all(r2 <= 2))
+    pos = np.array([[0, 1, 4, 9, 20]])
+    d = np.abs(pos[0][:, None] - pos[0][None, :])[None, None]
+    a, b = r1[None, :, None, None], r2[None, :, None, None]
+    want = -a * np.log1p(b * d) if variant == "log" else -a * d**b
+    got = pe.bias(jnp.asarray(pos), jnp.asarray(pos))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # d^r2 at d = 0 must not turn the gradient wrt r2 into NaN.
+    g = nnx.grad(lambda m: m.bias(jnp.asarray(pos), jnp.asarray(pos)).sum())(pe)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+
+
+# --- FIRE -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fire_bias(causal):
+    pe = learned_pe("fire", causal, init_threshold=6.0)
+    p = {n: np.asarray(getattr(pe, n)[...], np.float64) for n in ("w1", "b1", "w2", "b2")}
+    c = np_softplus(pe.raw_c[...])
+    threshold = np_softplus(pe.raw_threshold[...])
+    pos = np.array([[0, 1, 2, 5, 9, 14.5]])
+    n = pos.shape[1]
+    want = np.zeros((1, 3, n, n))
+    for i in range(n):
+        for j in range(n):
+            qi, kj = pos[0, i], pos[0, j]
+            x = np.log(c * abs(qi - kj) + 1) / np.log(c * max(threshold, qi) + 1)
+            feats = [x] if causal else [x, float(kj > qi)]
+            h = np.maximum(np.array(feats) @ p["w1"] + p["b1"], 0)
+            want[0, :, i, j] = h @ p["w2"] + p["b2"]
+    got = pe.bias(jnp.asarray(pos, jnp.float32), jnp.asarray(pos, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --- Shaw -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("float_positions", [False, True])
+def test_shaw_bias(float_positions):
+    k_max = 3
+    pe = learned_pe("shaw", False, max_distance=k_max)
+    table = np.asarray(pe.table[...], np.float64)
+    q = RNG.normal(size=(2, 5, 3, 8))
+    pos = np.array([[0, 1, 2, 6, 7], [0, 2, 3, 4, 12]], np.float64)
+    if float_positions:
+        pos = pos * 0.75
+    want = np.zeros((2, 3, 5, 5))
+    for b in range(2):
+        for i in range(5):
+            for j in range(5):
+                r = np.clip(pos[b, j] - pos[b, i], -k_max, k_max) + k_max
+                lo = int(np.floor(r))
+                hi = min(lo + 1, 2 * k_max)
+                a = table[lo] * (1 - (r - lo)) + table[hi] * (r - lo)
+                want[b, :, i, j] = q[b, i] @ a / np.sqrt(8)
+    dtype = jnp.float32 if float_positions else jnp.int32
+    p = jnp.asarray(pos, dtype)
+    got = pe.bias(p, p, jnp.asarray(q, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --- CoPE -------------------------------------------------------------------------------
+
+
+def np_cope(q, k, past, future, qpos, kpos, causal):
+    B, L, H, K = q.shape
+    S, G = k.shape[1], k.shape[2]
+    P = past.shape[0]
+    out = np.zeros((B, H, L, S))
+    for b in range(B):
+        for h in range(H):
+            kh = k[b, :, h // (H // G)]
+            for i in range(L):
+                g = 1 / (1 + np.exp(-(kh @ q[b, i, h]) / np.sqrt(K)))
+                for j in range(S):
+                    before = kpos[b, j] <= qpos[b, i]
+                    if before:
+                        ts = [t for t in range(j, S) if kpos[b, t] <= qpos[b, i]]
+                    else:
+                        ts = [t for t in range(0, j + 1) if kpos[b, t] >= qpos[b, i]]
+                    p = min(sum(g[t] for t in ts), P - 1)
+                    e = past if (before or causal) else future
+                    lo = int(np.floor(p))
+                    hi = min(lo + 1, P - 1)
+                    emb = e[lo] * (1 - (p - lo)) + e[hi] * (p - lo)
+                    out[b, h, i, j] = q[b, i, h] @ emb
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cope_bias(causal):
+    pe = learned_pe("cope", causal, num_heads=4, max_positions=3)
+    past = np.asarray(pe.past[...], np.float64)
+    future = None if causal else np.asarray(pe.future[...], np.float64)
+    q = RNG.normal(size=(2, 5, 4, 8))
+    k = RNG.normal(size=(2, 5, 2, 8))  # GQA: 2 kv heads for 4 query heads
+    pos = np.array([[0, 1, 2, 3, 4], [3, 10, 11, 40, 41]])
+    got = pe.bias(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(q), jnp.asarray(k))
+    want = np_cope(q, k, past, future, pos, pos, causal)
+    if causal:  # future keys are masked by attention; compare the visible entries
+        visible = np.tril(np.ones((5, 5), bool))
+        got, want = np.asarray(got)[..., visible], want[..., visible]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cope_kv_cache_step_matches_full_rows():
+    pe = learned_pe("cope", True, num_heads=2)
+    q = jnp.asarray(RNG.normal(size=(1, 6, 2, 8)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(1, 6, 2, 8)), jnp.float32)
+    pos = jnp.arange(6)[None]
+    full = pe.bias(pos, pos, q, k)
+    step = pe.bias(pos[:, -2:], pos, q[:, -2:], k)
+    np.testing.assert_allclose(step, full[:, :, -2:], rtol=1e-6)

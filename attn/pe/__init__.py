@@ -12,11 +12,16 @@ from flax import nnx
 
 from attn.pe.alibi import ALiBi
 from attn.pe.base import PositionalEncoding
+from attn.pe.cope import CoPE
+from attn.pe.fire import Fire
+from attn.pe.kerple import Kerple
 from attn.pe.learned import Learned
 from attn.pe.none import NoPE
 from attn.pe.rope import RoPE
+from attn.pe.shaw import Shaw
 from attn.pe.sinusoidal import Sinusoidal
 from attn.pe.t5 import T5Bias
+from attn.pe.xpos import XPos
 from attn.registry import lookup
 
 REGISTRY: dict[str, type[PositionalEncoding]] = {
@@ -26,6 +31,11 @@ REGISTRY: dict[str, type[PositionalEncoding]] = {
     "rope": RoPE,
     "alibi": ALiBi,
     "t5": T5Bias,
+    "xpos": XPos,
+    "kerple": Kerple,
+    "fire": Fire,
+    "shaw": Shaw,
+    "cope": CoPE,
 }
 
 

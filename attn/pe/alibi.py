@@ -58,17 +58,11 @@ class ALiBi(PositionalEncoding):
     supports_cross_attention = False
     shift_invariant = True
 
-    def __init__(self, cfg, *, d_model, num_heads, head_dim, causal, rngs):
-        super().__init__(
-            cfg, d_model=d_model, num_heads=num_heads, head_dim=head_dim, causal=causal, rngs=rngs
-        )
-        self.slopes = slopes(num_heads)
-
     def bias(self, qpos_BL, kpos_BS, q_BLHK=None, k_BSGK=None):
         return bias(
             qpos_BL,
             kpos_BS,
-            self.slopes,
+            slopes(self.num_heads),
             causal=self.causal,
             lower_offset=self.cfg["bidirectional_offset"],
         )
