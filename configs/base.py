@@ -138,7 +138,7 @@ def build(
         }
     )
     if smoke:
-        _shrink(config)
+        shrink(config)
     config.lock()
     return config
 
@@ -150,7 +150,7 @@ class _Registry:
         self.REGISTRY = registry
 
 
-def _shrink(config: ml_collections.ConfigDict) -> None:
+def shrink(config: ml_collections.ConfigDict) -> None:
     """Tiny shapes and a few steps: a whole run compiles and finishes in seconds on CPU."""
     m = config.model
     for key, value in SMOKE_MODEL.items():

@@ -194,16 +194,7 @@ def run(workdir: str, *, lengths=None) -> dict:
 
 
 def _run_locked(config, workdir, lengths) -> dict:
-    train.setup_compilation_cache(config, workdir)
     mesh = train.make_mesh(config)
-    tx = train.make_optimizer(config)
-    graphdef, _, abstract, shardings = train._init_fn(config, mesh, tx)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    try:
-        state, step = ckpt.restore(train._with_shardings(abstract, shardings))
-    finally:
-        ckpt.close()
-    if state is None:
-        raise ckpt_lib.RunError(f"no checkpoint in {workdir}/checkpoints to evaluate")
+    graphdef, state, step = train.load_state(config, workdir, mesh=mesh)
     model = train.merge_model(graphdef, state)
     return evaluate_and_write(config, workdir, model, mesh=mesh, step=step, lengths=lengths)

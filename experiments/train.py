@@ -23,13 +23,17 @@ Public pieces (INTERFACES.md; reused by sweep, seeds, bench and reliability):
   aggregates (`nll_sum`, `num_tokens`, `token_acc_sum`, `exact_sum`, `num_seqs`). token_acc is
   Deletang's per-sequence accuracy (fraction of correct output tokens, averaged over
   sequences); seq_acc is exact match.
-- `init_state(config, graphdef_model, tx)`, `make_train_step(config, graphdef, tx)`:
+- `init_train_state(config, *, mesh=None) -> (graphdef, state, tx)`;
+  `init_state(config, graphdef, params, rest, tx)` from a built model's split;
+  `make_train_step(config, graphdef, tx, *, donate=True)`:
   the train state is a dict pytree {"params", "rest" (RNG keys/counts and other non-Param
   state), "opt", "step", "skipped"}; `step_fn(state, batch) -> (state, metrics)` is jitted
   with the state donated. `split_model(model) -> (graphdef, params, rest)` and
   `merge_model(graphdef, state)` convert between module and state.
 - `OPTIMIZERS` (adam, adamw, sgd) and `SCHEDULES` (constant, cosine, linear, rsqrt; each with
   linear `warmup` steps): classes with `DEFAULTS` and `make(...)`.
+- `load_state(config, workdir, *, mesh=None, step=None) -> (graphdef, state, step)`: a run's
+  checkpoint onto any mesh.
 - `shard_batch(batch, mesh, *, local=True)`: numpy batch -> global jax arrays on `data`.
 - `TIMING_KEYS`: metrics.jsonl fields that are wall-clock measurements (not reproducible).
 
@@ -61,7 +65,7 @@ from experiments import config_utils, input_pipeline, tasks
 
 log = logging.getLogger("attn.train")
 
-TIMING_KEYS = ("steps_per_s", "tokens_per_s", "eta_s", "compile_s", "elapsed_s")
+TIMING_KEYS = ("steps_per_s", "tokens_per_s", "eta_s", "compile_s", "elapsed_s", "eval_s")
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -353,6 +357,15 @@ def init_state(config, graphdef, params, rest, tx) -> dict:
     }
 
 
+def init_train_state(config, *, mesh: Mesh | None = None):
+    """(graphdef, freshly initialised sharded train state, tx) for `config`."""
+    mesh = mesh or make_mesh(config)
+    tx = make_optimizer(config)
+    graphdef, init, _, _ = _init_fn(config, mesh, tx)
+    with jax.set_mesh(mesh):
+        return graphdef, init(), tx
+
+
 def _init_fn(config, mesh: Mesh, tx):
     """(graphdef, jitted init() -> sharded train state, its shardings)."""
     create, abstract = _abstract_model(config, config.seed)
@@ -420,7 +433,7 @@ def make_train_step(config, graphdef, tx, *, donate: bool = True):
         rest = split_model(model)[2]
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -619,6 +632,20 @@ def _run_locked(config, workdir, eval_lengths, evaluate) -> dict:
     return results
 
 
+def load_state(config, workdir: str, *, mesh: Mesh | None = None, step: int | None = None):
+    """(graphdef, train state, step) restored from workdir's checkpoints (latest good step)."""
+    mesh = mesh or make_mesh(config)
+    graphdef, _, abstract, shardings = _init_fn(config, mesh, make_optimizer(config))
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    try:
+        state, step = ckpt.restore(_with_shardings(abstract, shardings), step=step)
+    finally:
+        ckpt.close()
+    if state is None:
+        raise ckpt_lib.RunError(f"no checkpoint in {workdir}/checkpoints")
+    return graphdef, state, step
+
+
 def _with_shardings(abstract, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -769,12 +796,19 @@ __all__ = [
     "TIMING_KEYS",
     "build_model",
     "init_distributed",
+    "init_state",
+    "init_train_state",
+    "load_state",
     "loss_and_metrics",
     "make_mesh",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "merge_model",
+    "resolve_eval_lengths",
     "run",
+    "setup_compilation_cache",
     "shard_batch",
+    "split_model",
     "validate",
 ]
