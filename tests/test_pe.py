@@ -8,6 +8,9 @@ checks are plain functions, so an encoding registered later, including the dummy
 registered inside `test_dummy_encoding_is_covered`, gets the same tests with no new code.
 """
 
+import re
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,12 +235,26 @@ def test_gqa_layouts(name, heads):
 def test_declared_attributes(name):
     cls = attn.pe.REGISTRY[name]
     assert issubclass(cls, PositionalEncoding)
-    assert cls.__doc__ and type(cls).__module__
+    assert cls.__doc__ and re.search(r"(19|20)\d\d", sys.modules[cls.__module__].__doc__)
     assert attn.pe.default_config(name) == {"name": name, **cls.DEFAULTS}
     for attr in ("supports_cross_attention", "needs_materialized_logits", "shift_invariant"):
         assert isinstance(getattr(cls, attr), bool)
     with pytest.raises(ConfigError, match=r"^pe\.bogus: unknown field"):
         cls.validate({"name": name, "bogus": 1}, max_eval_position=10, num_heads=H, head_dim=K)
+    cls.validate(attn.pe.default_config(name), max_eval_position=10, num_heads=H, head_dim=K)
+
+
+LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "state", None}
+
+
+@pytest.mark.parametrize("name", sorted(attn.pe.REGISTRY))
+def test_parameters_carry_logical_axes(name):
+    for causal in (True, False):
+        params = nnx.state(make_pe(name, causal), nnx.Param)
+        for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+            axes = v.get_metadata().get("out_sharding")
+            assert axes is not None and len(axes) == v.get_value().ndim
+            assert set(axes) <= LOGICAL_AXES
 
 
 class DistanceBias(PositionalEncoding):
@@ -290,3 +307,52 @@ def test_rotary_odd_dims_message(name):
         cls.validate(
             {"name": name, "fraction": 0.375}, max_eval_position=10, num_heads=H, head_dim=8
         )
+
+
+@pytest.mark.parametrize(
+    "name,fields,head_dim,max_pos,message",
+    [
+        (
+            "rope",
+            {"layout": "pairs"},
+            8,
+            10,
+            "pe.layout: unknown layout 'pairs'; allowed: half, interleaved",
+        ),
+        (
+            "rope",
+            {"scaling": "yarn"},
+            8,
+            10,
+            "pe.original_max_len: must be the training context length (> 0) with scaling='yarn'",
+        ),
+        (
+            "xpos",
+            {},
+            8,
+            100_000,
+            "pe.scale_base: position 100000 overflows float32 key scales "
+            "with scale_base 512.0; raise scale_base above 1566",
+        ),
+        (
+            "kerple",
+            {"variant": "cubic"},
+            8,
+            10,
+            "pe.variant: unknown variant 'cubic'; allowed: log, power",
+        ),
+        (
+            "learned",
+            {"extension": "wrap"},
+            8,
+            10,
+            "pe.extension: unknown policy 'wrap'; allowed: error, clip",
+        ),
+    ],
+)
+def test_validate_messages(name, fields, head_dim, max_pos, message):
+    with pytest.raises(ConfigError) as err:
+        attn.pe.get(name).validate(
+            {"name": name, **fields}, max_eval_position=max_pos, num_heads=H, head_dim=head_dim
+        )
+    assert str(err.value) == message
