@@ -163,14 +163,14 @@ def np_alibi(qpos, kpos, m, causal, offset=0.0):
             for i in range(L):
                 for j in range(S):
                     d = qpos[b][i] - kpos[b][j]
-                    if causal:
-                        out[b, h, i, j] = -m[h] * d
+                    if causal and d >= 0:
+                        out[b, h, i, j] = -m[h] * d  # the paper's bias on visible keys
                     else:
-                        out[b, h, i, j] = -m[h] * abs(d) + offset * m[h] * (d > 0)
+                        out[b, h, i, j] = -m[h] * abs(d) + (not causal) * offset * m[h] * (d > 0)
     return out
 
 
-@pytest.mark.parametrize("causal,offset", [(True, 0.0), (False, 0.0), (False, 0.5)])
+@pytest.mark.parametrize("causal,offset", [(True, 0.0), (True, 0.5), (False, 0.0), (False, 0.5)])
 def test_alibi_bias(causal, offset):
     qpos = np.array([[0, 1, 2, 3], [4, 9, 10, 30]])
     m = alibi.slopes(3)

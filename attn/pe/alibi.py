@@ -38,16 +38,17 @@ def bias(
     causal: bool = True,
     lower_offset: float = 0.0,
 ) -> jax.Array:
-    """ALiBi logits bias, float32 BHLS.
+    """ALiBi logits bias, float32 BHLS: -m |i - j|, plus lower_offset * m where j < i unless
+    causal.
 
-    causal: -m (i - j), the paper's form (positive on future keys, which the causal mask
-    removes). Otherwise -m |i - j| + lower_offset * m where j < i.
+    On the keys a causal query sees this is the paper's -m (i - j); on the masked future
+    keys it stays negative instead of growing positive, so no masked entry holds a large
+    logit (a KV cache's unwritten slots may carry far-away positions).
     """
     rel = relative_positions(qpos_BL, kpos_BS).astype(jnp.float32)  # j - i
-    if causal:
-        dist = rel
-    else:
-        dist = -jnp.abs(rel) + lower_offset * (rel < 0)
+    dist = -jnp.abs(rel)
+    if not causal:
+        dist = dist + lower_offset * (rel < 0)
     return jnp.asarray(slopes_H, jnp.float32)[None, :, None, None] * dist[:, None]
 
 
