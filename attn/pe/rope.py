@@ -59,7 +59,9 @@ def frequencies(
     s = float((scaling or {}).get("factor", 1.0))
     base = max_wavelength
     if kind == "ntk":
-        base = max_wavelength * s ** (rot / (rot - 2)) if rot > 2 else max_wavelength
+        if rot <= 2:
+            raise ConfigError(f"pe.scaling: 'ntk' needs more than 2 rotated dims, got {rot}")
+        base = max_wavelength * s ** (rot / (rot - 2))
     theta = base ** (-jnp.arange(0, rot, 2, dtype=jnp.float32) / rot)
     if kind == "none" or kind == "ntk":
         return theta, 1.0, 1.0
@@ -120,7 +122,6 @@ def scaling_spec(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def validate_rotary(c: Mapping[str, Any], head_dim: int) -> None:
     """ConfigErrors shared by the rotary family (rope, xpos)."""
-    rotated_dims(head_dim, c["fraction"])
     require(
         c["layout"] in LAYOUTS,
         "pe.layout",
@@ -132,6 +133,12 @@ def validate_rotary(c: Mapping[str, Any], head_dim: int) -> None:
         f"unknown scaling {c['scaling']!r}; allowed: {', '.join(SCALINGS)}",
     )
     require(c["factor"] > 0, "pe.factor", f"must be > 0, got {c['factor']}")
+    rot = rotated_dims(head_dim, c["fraction"])
+    require(
+        c["scaling"] != "ntk" or rot > 2,
+        "pe.scaling",
+        f"'ntk' needs more than 2 rotated dims, got {rot}",
+    )
     if c["scaling"] == "yarn":
         require(
             c["original_max_len"] > 0,
