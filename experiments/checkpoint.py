@@ -373,6 +373,7 @@ class Checkpointer:
         self._pending: int | None = None
         self.last_save_seconds: dict[str, float] = {}
         self.last_restore_seconds: float | None = None
+        self._last_bytes = 0
         self._save_started = 0.0
         self._quiet = _QuietOrbaxErrors()
         logging.getLogger("absl").addFilter(self._quiet)
@@ -449,6 +450,7 @@ class Checkpointer:
         try:
             # Blocks on the previous async save first: its failure surfaces here.
             self.wait()
+            self._check_space(step)
             self._pending = step
             self._save_started = time.perf_counter()
             saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
@@ -463,6 +465,16 @@ class Checkpointer:
             self.wait()
         return saved
 
+    def _check_space(self, step: int) -> None:
+        """Refuse to start a save that cannot fit: the size of the last one must be free.
+
+        Cheaper and clearer than failing half-way, and on some filesystems a full disk
+        surfaces from the writer threads as something less recognisable than ENOSPC.
+        """
+        if self._last_bytes and free_bytes(self.directory) < self._last_bytes:
+            error = OSError(errno.ENOSPC, f"need {self._last_bytes} bytes free")
+            raise self._save_error(step, error)
+
     def wait(self) -> None:
         """Block until the pending save (if any) has committed; RunError if it failed."""
         try:
@@ -471,6 +483,9 @@ class Checkpointer:
             raise self._save_error(self._pending, e) from e
         if self._pending is not None:
             self.last_save_seconds["total"] = time.perf_counter() - self._save_started
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                manifest = json.loads((self.directory / str(self._pending) / MANIFEST).read_text())
+                self._last_bytes = sum(f["bytes"] for f in manifest["files"].values())
         self._pending = None
 
     def close(self) -> None:

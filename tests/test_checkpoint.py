@@ -310,6 +310,22 @@ def test_disk_full_during_async_save_keeps_previous_checkpoint(tmp_path, monkeyp
     _assert_same(restored, _state(1))
 
 
+def test_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    with ck.Checkpointer(tmp_path, keep=2) as c:
+        c.save(1, _state(1))
+        c.wait()
+        monkeypatch.setattr(ck, "free_bytes", lambda path: 10)
+        with pytest.raises(
+            ck.RunError,
+            match=r"^disk full while saving checkpoint step 2 .*"
+            r"the previous checkpoint \(step 1\) is intact$",
+        ):
+            c.save(2, _state(2))
+        assert not list((tmp_path / "checkpoints").glob("2*"))
+        monkeypatch.undo()
+        assert c.save(2, _state(2))
+
+
 def _can_mount_tmpfs(path: Path) -> bool:
     if os.geteuid() != 0:
         return False
