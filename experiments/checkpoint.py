@@ -32,7 +32,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +152,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def rewind_jsonl(path: str | os.PathLike, step: int) -> int:
+def rewind_jsonl(
+    path: str | os.PathLike, step: int, *, keep: Callable[[dict], bool] | None = None
+) -> int:
     """Keep only the rows of `path` with row["step"] <= step (atomically); return how many.
 
     Called on resume from checkpoint `step`: the rows logged after it will be logged again,
-    so without this a resumed run would have duplicates (and maybe a torn line).
+    so without this a resumed run would have duplicates (and maybe a torn line). `keep`
+    drops more rows that will be logged again, e.g. the final evaluation's rows when the
+    run resumes from its final checkpoint to redo that evaluation.
     """
     if not Path(path).exists():
         return 0
-    rows = [r for r in read_jsonl(path) if int(r.get("step", -1)) <= step]
+    rows = [
+        r for r in read_jsonl(path) if int(r.get("step", -1)) <= step and (keep is None or keep(r))
+    ]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
 

@@ -91,6 +91,9 @@ def test_jsonl_append_read_and_rewind_skip_torn_line(tmp_path):
     ck.append_jsonl(path, {"step": 4, "split": "train", "loss": 0.25})
     assert [r["step"] for r in ck.read_jsonl(path)] == [1, 2, 3, 4]
     assert path.read_text().count("\n") == 4
+    ck.append_jsonl(path, {"step": 4, "split": "eval", "length": 8, "loss": 0.5})
+    assert ck.rewind_jsonl(path, 4, keep=lambda r: r["split"] == "train") == 4
+    assert [r["split"] for r in ck.read_jsonl(path)] == ["train"] * 4
 
 
 def test_unwritable_workdir_is_one_line_error(tmp_path):
