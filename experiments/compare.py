@@ -50,7 +50,7 @@ DEFAULT_METRIC = "token_acc"
 # Metrics where smaller is better; every other metric (accuracies) is maximised.
 LOWER_IS_BETTER = frozenset({"loss", "ppl", "bpc", "bpb", "nll"})
 # Sub-directories of a run that never hold runs themselves; skipping them keeps the walk fast.
-_NOT_RUNS = frozenset({"checkpoints", "tb", "eval_data", "__pycache__"})
+_NOT_RUNS = frozenset({"checkpoints", "tb", ".jax_cache", "__pycache__"})
 
 
 def lower_is_better(metric: str) -> bool:

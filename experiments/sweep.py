@@ -208,6 +208,11 @@ class Job:
         return f"{group_key(self.points[0])} (seeds {','.join(str(p.seed) for p in self.points)})"
 
 
+def _absolute(path: Path) -> str:
+    # Orbax refuses relative checkpoint paths; the driver gets the workdir absolute.
+    return str(Path(path).absolute())
+
+
 def group_key(point: Point) -> str:
     """The point's name without its seed: the points that vmapped seeds train together."""
     return point_name({k: v for k, v in point.overrides.items() if k != "seed"})
@@ -227,7 +232,7 @@ def make_jobs(
         return [
             Job(
                 [p],
-                [*driver, "--config", p.config_spec, "--workdir", str(p.workdir), *p.flags],
+                [*driver, "--config", p.config_spec, "--workdir", _absolute(p.workdir), *p.flags],
                 p.workdir / LOG_FILE,
             )
             for p in todo
@@ -243,7 +248,7 @@ def make_jobs(
             continue
         placeholder = "SEEDPLACEHOLDER"
         name = point_name({**first.overrides, "seed": placeholder})
-        pattern = str(first.workdir.parent / name).replace(placeholder, "{seed}")
+        pattern = _absolute(first.workdir.parent / name).replace(placeholder, "{seed}")
         flags = [f for f in first.flags if not f.startswith("--config.seed=")]
         argv = [
             *seeds_driver,
@@ -477,6 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sweep: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
     return 1 if status.get("failed") else 0
 
 

@@ -160,3 +160,48 @@ def test_vmap_seeds_groups_points_differing_only_in_seed(tmp_path):
     assert argv[argv.index("--seeds") + 1] == "0,1"
     assert argv[argv.index("--workdir") + 1] == str(tmp_path / "task=copy,seed={seed}")
     assert "--config.train.steps=5" in argv and not any("config.seed" in a for a in argv)
+
+
+REAL_GRID = textwrap.dedent(
+    """
+    from configs import formal
+
+    def get_config(arg=None):
+        return formal.get_config(arg)
+
+    def get_sweep(arg=None):
+        # The last point fails at run time in the driver (train.steps must be positive).
+        return [
+            {"pe": "alibi", "seed": 0},
+            {"pe": "rope", "seed": 0},
+            {"pe": "none", "seed": 0},
+            {"pe": "alibi", "seed": 1, "train.steps": -1},
+        ]
+    """
+)
+
+
+@pytest.mark.slow
+def test_real_driver_sweep_isolates_a_failing_point(tmp_path, capsys):
+    config = tmp_path / "real_grid.py"
+    config.write_text(REAL_GRID)
+    workdir = tmp_path / "runs"
+    argv = ["--config", f"{config}:smoke=true", "--workdir", str(workdir), "--parallel", "2"]
+    argv += ["--config.eval.lengths=8", "--config.eval.compilation_cache="]
+    assert sweep.main(argv) == 1
+    status = json.loads((workdir / sweep.STATUS_FILE).read_text())
+    failed = "pe=alibi,seed=1,train.steps=-1"
+    assert status["failed"] == [failed]
+    assert "train.steps" in status["points"][failed]["error"]
+    for name in ("pe=alibi,seed=0", "pe=rope,seed=0", "pe=none,seed=0"):
+        assert (workdir / name / "DONE").exists()
+        assert json.loads((workdir / name / "results.json").read_text())["per_length"]["8"]
+    assert f"{failed}: exit 2" in capsys.readouterr().out
+
+    assert sweep.main(argv) == 1
+    runs = {
+        d.name: (d / sweep.LOG_FILE).read_text().count("\n=== ")
+        for d in workdir.iterdir()
+        if d.is_dir()
+    }
+    assert runs == {failed: 2, "pe=alibi,seed=0": 1, "pe=rope,seed=0": 1, "pe=none,seed=0": 1}
