@@ -1,0 +1,124 @@
+"""Reproduction: the encoder protocol of Deletang et al. 2023 ("Neural Networks and the
+Chomsky Hierarchy", arXiv 2207.02098) with the randomized positions of Ruoss et al. 2023
+("Randomized Positional Encodings", arXiv 2305.16843).
+
+Protocol (REFERENCES.md; built on configs/formal.py, which holds the model and data layout):
+encoder of 5 layers x d_model 64 x 8 heads, MLP 4x ReLU, post-LN, dropout 0.1, embeddings
+scaled by sqrt(d), init std 0.02 (~0.25M parameters); the input (n ~ U{1..40}, one length per
+batch) followed by |y| blanks, outputs read at the last |y| positions; batch 128, Adam,
+gradient clipping 1.0, 1,000,000 steps; learning rates {1e-4, 3e-4, 5e-4} x 10 seeds; scored
+by per-sequence token accuracy averaged over test lengths 41..500 (we evaluate the task grid
+41, 50, 60, 80, 100, 150, 200, 300, 400, 500 plus 20 and 40 in distribution); the paper
+reports the best run over seeds and learning rates (compare's "best OOD" column).
+Encodings: none, sinusoidal, learned, relative, ALiBi, RoPE, each with identity positions and
+with randomized positions (sorted random subset of {0..2047}, Ruoss et al.). Deviations,
+recorded: "relative" is T5's bucketed bias (the Transformer-XL encoding of the reference code
+is not in attn.pe); dropout is off at evaluation (the reference code leaves it on); positions
+are identity at evaluation unless --config.eval.random_positions=true (the reference code
+re-samples them at test time).
+
+Arg keys: those of configs/formal.py (task, pe, sampler, scorer, model, size, smoke) plus
+lr (float) and mini (bool: the reduced protocol, MINI below); size and lr default to the
+protocol's (s and 3e-4; MINI's with mini=true).
+
+  # one run
+  ./launch.sh train --config configs/deletang.py:task=even_pairs,pe=rope,sampler=randomized \
+      --workdir runs/deletang/one
+  # full grid (5,400 runs): 15 tasks x 6 encodings x 2 samplers x 3 lr x 10 seeds
+  ./launch.sh sweep --config configs/deletang.py --workdir runs/deletang --parallel 4
+  # mini grid on a laptop / 2 CPU cores
+  ./launch.sh sweep --config configs/deletang.py:mini=true --workdir runs/deletang_mini --parallel 2
+  ./launch.sh compare runs/deletang_mini --out reports/deletang_mini
+
+Expected wall time: full, 1M steps per run, is an accelerator job (about 5,400 x the GPU time
+of one run; seeds of a shape train together under jax.vmap, `sweep_vmap_seeds`). Mini: see
+MINI below, about 30 minutes on 2 CPU cores (measured: RESULTS.md).
+Expected result (papers, full protocol, best over seeds and learning rates): mean accuracy over
+the 15 tasks rises by about 12 points with randomized positions (Ruoss et al.); e.g. the plain
+Transformer reaches 62 % on reverse_string and chance-level on parity_check (Deletang et al.).
+The mini protocol trains far shorter, so expect in-distribution learning on the easy tasks and
+the ranking, not the published numbers.
+"""
+
+from configs import formal
+from experiments import config_utils
+
+TASKS = (
+    "even_pairs",
+    "modular_arithmetic",
+    "parity_check",
+    "cycle_navigation",
+    "stack_manipulation",
+    "reverse_string",
+    "modular_arithmetic_brackets",
+    "solve_equation",
+    "duplicate_string",
+    "missing_duplicate_string",
+    "odds_first",
+    "binary_addition",
+    "binary_multiplication",
+    "compute_sqrt",
+    "bucket_sort",
+)
+ENCODINGS = ("none", "sinusoidal", "learned", "t5", "alibi", "rope")
+SAMPLERS = ("identity", "randomized")
+LEARNING_RATES = (1e-4, 3e-4, 5e-4)
+SEEDS = tuple(range(10))
+EVAL_LENGTHS = (20, 40, 41, 50, 60, 80, 100, 150, 200, 300, 400, 500)
+
+# The reduced protocol: two tasks the small encoder learns within minutes on a CPU
+# (regular: even_pairs; context-free: reverse_string), shorter training lengths (n <= 20,
+# tested up to 4x), a quarter of the width, one learning rate and one seed.
+MINI = {
+    "tasks": ("even_pairs", "reverse_string"),
+    "encodings": ("none", "sinusoidal", "learned", "t5", "alibi", "rope"),
+    "max_length": 20,
+    "eval_lengths": (10, 20, 40, 80),
+    "size": "xs",
+    "steps": 600,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "num_examples": 128,
+}
+
+# size "" and lr 0 mean "the protocol's" (full or mini); any other value overrides it.
+ARGS = {**formal.ARGS, "pe": "none", "size": "", "lr": 0.0, "mini": False}
+sweep_vmap_seeds = True
+
+
+def get_config(arg: str | None = None):
+    args = config_utils.parse_arg(arg, ARGS)
+    mini, lr = args.pop("mini"), args.pop("lr")
+    args["size"] = args["size"] or (MINI["size"] if mini else "s")
+    config = formal.get_config(",".join(f"{k}={v}" for k, v in args.items()))
+    config.train.optimizer.lr = lr or (MINI["lr"] if mini else 3e-4)
+    config.task.min_length = 1
+    if mini:
+        config.task.max_length = MINI["max_length"]
+        config.train.steps = MINI["steps"]
+        config.train.batch_size = MINI["batch_size"]
+        config.train.eval_every = 0
+        config.train.log_every = 50
+        config.train.ckpt_every = 200
+        config.eval.lengths = ",".join(map(str, MINI["eval_lengths"]))
+        config.eval.num_examples = MINI["num_examples"]
+    elif not args["smoke"]:
+        config.task.max_length = 40
+        config.train.steps = 1_000_000
+        config.train.batch_size = 128
+        config.train.eval_every = 50_000
+        config.train.ckpt_every = 10_000
+        config.eval.lengths = ",".join(map(str, EVAL_LENGTHS))
+    return config
+
+
+def get_sweep(arg: str | None = None):
+    if config_utils.parse_arg(arg, ARGS)["mini"]:
+        return {"task": MINI["tasks"], "pe": MINI["encodings"], "sampler": SAMPLERS, "seed": [0]}
+    return {
+        "task": TASKS,
+        "pe": ENCODINGS,
+        "sampler": SAMPLERS,
+        "lr": LEARNING_RATES,
+        "seed": SEEDS,
+    }
