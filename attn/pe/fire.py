@@ -7,7 +7,8 @@ applied to a progressively interpolated distance,
 with c > 0 and the threshold L > 0 learned (kept positive by softplus). Normalising by the
 query position maps every distance into [0, 1], so longer inputs reuse the trained input
 range; L keeps short contexts from being over-stretched. f_theta has one hidden ReLU layer
-(`hidden`, 32 in the paper) and one output per head. Because of the normalisation by the
+(`hidden` units) and one output per head. The initial c and L (`init_c`, `init_threshold`)
+are our defaults, not checked against the paper's code. Because of the normalisation by the
 query position, FIRE is not shift invariant.
 
 The paper's bias is causal (i >= j). For bidirectional attention we feed |i - j| and a
