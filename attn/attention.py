@@ -143,7 +143,7 @@ def _sum_to_shape(x_BHLS, shape) -> jax.Array:
 
 # ------------------------------------------------------------------------------------ chunked
 
-DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
 
 
@@ -181,6 +181,21 @@ class _Plan:
         j_lo = lo // self.bk
         # An empty range (queries before every key when L > S) runs no block: zeros out.
         return j_lo, jnp.where(hi >= lo, hi // self.bk + 1, j_lo)
+
+    def block_is_partial(self, i, j):
+        """Whether the causal/window mask or the padded key tail hides part of block (i, j)."""
+        q_first = self.S - self.L + i * self.bq
+        q_last = q_first + self.bq - 1
+        k_first = j * self.bk
+        k_last = k_first + self.bk - 1
+        partial = k_last >= self.S
+        if self.causal:
+            partial |= k_last > q_first
+        if self.window is not None:
+            partial |= q_last - k_first >= self.window
+            if not self.causal:
+                partial |= k_last - q_first >= self.window
+        return partial
 
     def indices(self, i, j):
         q_idx = i * self.bq + jnp.arange(self.bq, dtype=jnp.int32)
@@ -226,19 +241,21 @@ def _block_scores(plan: _Plan, q_i, k_j, bias_ij, mask, i, j):
     s = plan.scale * s
     if bias_ij is not None:
         s = s + _grouped(_as_4d(bias_ij).astype(jnp.float32), plan.H, G)
-    q_idx, k_idx = plan.indices(i, j)
-    allowed = None
-    if plan.causal or plan.window is not None:
-        allowed = masks_lib.window_mask(plan.L, plan.S, plan.window, plan.causal, q_idx, k_idx)
-    if plan.nk * plan.bk != plan.S:
-        allowed = masks_lib.combine(allowed, (k_idx < plan.S)[None, :])
     if mask is not None:
-        allowed = masks_lib.combine(
-            allowed, _grouped(_slice_blocks(mask, plan.mask_sliced, plan, i, j), plan.H, G)
+        s = jnp.where(
+            _grouped(_slice_blocks(mask, plan.mask_sliced, plan, i, j), plan.H, G), s, MASK_VALUE
         )
-    if allowed is None:
+    if not (plan.causal or plan.window is not None or plan.nk * plan.bk != plan.S):
         return s
-    return jnp.where(allowed, s, MASK_VALUE)
+
+    def positional(s):
+        q_idx, k_idx = plan.indices(i, j)
+        allowed = k_idx[None, :] < plan.S
+        if plan.causal or plan.window is not None:
+            allowed &= masks_lib.window_mask(plan.L, plan.S, plan.window, plan.causal, q_idx, k_idx)
+        return jnp.where(allowed, s, MASK_VALUE)
+
+    return jax.lax.cond(plan.block_is_partial(i, j), positional, lambda s: s, s)
 
 
 def _flash_forward(plan: _Plan, q, k, v, bias, mask, consts):

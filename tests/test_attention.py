@@ -198,6 +198,28 @@ def test_chunked_default_blocks_and_jit_equal_no_jit():
     np.testing.assert_allclose(jax.jit(fn)(q, k, v), want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("L,S,bq,bk", [(7, 12, 4, 3), (12, 7, 4, 3), (9, 9, 2, 5)])
+@pytest.mark.parametrize(
+    "causal,window", [(True, None), (True, 1), (True, 3), (False, 3), (False, 9)]
+)
+def test_chunked_block_skipping_and_partial_blocks_match_the_mask(L, S, bq, bk, causal, window):
+    nq, nk = -(-L // bq), -(-S // bk)
+    plan = attention._Plan(
+        L=L, S=S, H=1, bq=bq, bk=bk, nq=nq, nk=nk, scale=1.0, causal=causal, window=window,
+        bias_fn=None, bias_sliced=(False, False), mask_sliced=(False, False),
+    )  # fmt: skip
+    allowed = np.zeros((nq * bq, nk * bk), bool)
+    allowed[:L, :S] = _bottom_right(L, S, causal, window)
+    for i in range(nq):
+        j_lo, j_hi = (int(x) for x in plan.key_blocks(i))
+        for j in range(nk):
+            block = allowed[i * bq : min((i + 1) * bq, L), j * bk : (j + 1) * bk]
+            if not j_lo <= j < j_hi:
+                assert not block.any(), (i, j)  # skipped blocks hide nothing visible
+            elif not bool(plan.block_is_partial(i, j)):
+                assert block.all(), (i, j)  # unmasked blocks are fully visible
+
+
 @pytest.mark.parametrize("impl", ["reference", "chunked", "xla"])
 def test_causality_by_gradient(impl):
     B, L, S = 1, 4, 7
