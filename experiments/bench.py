@@ -1,0 +1,845 @@
+"""Performance benchmarks: throughput, MFU, long-context memory, compile time, vmapped seeds.
+
+    python -m experiments.bench [--workload NAME ...] [--repeats 3] [--smoke]
+    ./launch.sh bench --workload w1 w2
+
+Every measurement is one JSON line on stdout: {"workload", "variant", "metric", "median",
+"min", "max", "repeats", "unit", ..., "machine": {CPU model, cores, load average, jax/flax
+version, backend, device, XLA_FLAGS}}; a markdown table of all of them comes last. Timings
+are wall clock (`time.perf_counter`) around work that ends in `jax.block_until_ready`.
+
+Method (DESIGN.md section 5: every claim of speed is a benchmark here, not a timed test):
+
+- `peak`: float32 matmul through XLA at n = 1024, 2048, 4096 (2 n^3 FLOPs each); the best
+  median is the machine's achievable peak, measured in the same run, and every throughput
+  below is also reported as a fraction of it (MFU). It always runs first.
+- FLOPs are counted analytically with the PaLM convention (Chowdhery et al. 2022, appendix B):
+  a training step costs 6 N + 12 n_layers d_attn T FLOPs per token (N: parameters of the
+  matmuls, output head included, embedding lookup excluded; d_attn = heads x head dim; T: the
+  padded sequence length, full T x T attention counted even when causal), a forward pass a
+  third of that. Padded tokens are counted because they are computed. XLA's own count
+  (`compiled.cost_analysis()["flops"]`) is reported beside it as `xla_flops` per step.
+- `w1`: the encoder of Deletang et al. 2023 (arXiv 2207.02098): 5 layers, d_model 64, 8 heads,
+  MLP 256 ReLU, post-LN, dropout 0.1, batch 128, Adam with clipping, task reverse_string
+  (|y| = n) with n ~ U{1..40} per batch from the real input pipeline, so every padded length
+  bucket the first 1000 steps meet is compiled (AOT, as the driver does) and counted. The loop
+  is the driver's: `train.shard_batch`, the donated jitted step of `train.make_train_step`,
+  metrics fetched one step late, batches generated on the host in the loop. Reported per PE
+  (none, sinusoidal, alibi, rope, t5): steady-state steps/s (all shapes compiled), total
+  compile seconds and number of compilations for 1000 steps, and the "1000-step equivalent"
+  rate 1000 / (compile_s + 1000 / steady), i.e. a 1000-step run with compilation amortised.
+- `w2`: decoder-only LM, 4 layers, d_model 256, 4 heads, MLP 1024, vocab 256, 256 tokens,
+  batch 16 (random bytes in the LM layout): steps/s, tokens/s, GFLOP/s and MFU.
+- `long`: forward (loss, no gradient) of the w2 model at 2k, 8k and 32k tokens, batch 1,
+  for each attention implementation, each in a fresh subprocess: median time and peak
+  resident memory (`ru_maxrss`, the whole process). Materialising implementations are skipped
+  where their B x H x L x S float32 logits (x3: logits, probabilities, mask/bias) would not
+  fit in 60 % of the machine's memory; the skip is a JSON line with the estimate.
+- `compile`: lowering and compile time of the w1 train step (T = 96) and of one eval length
+  (forward at T = 256), after `jax.clear_caches()` per repeat; then two subprocesses sharing
+  a fresh persistent compilation cache directory (the driver's `setup_compilation_cache`):
+  compilation seconds and time from main() to the end of the first step, cold and warm.
+- `seeds`: 8 seeds of w1 trained together (`jax.vmap` of the driver's step over stacked
+  states and batches, the idea of experiments/seeds.py) against 8 separate steps in sequence,
+  same batches (nominal length 20, T = 48): time per step of 8 seeds, and the ratio.
+- `gpu` (GPU backends only; a "skipped" line otherwise): w2 scaled to 12 layers, d_model 768,
+  12 heads, MLP 3072, 1024 tokens, bfloat16: MFU; and chunked vs cuDNN attention forward at 8k.
+
+`--smoke` runs every workload at tiny sizes and one repeat (tests/test_bench.py); its numbers
+mean nothing.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import attn.models
+from attn import layers
+from experiments import input_pipeline, tasks, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W1_PES = ("none", "sinusoidal", "alibi", "rope", "t5")
+W1_TASK = "reverse_string"
+W1_AMORTISE_STEPS = 1000
+LONG_IMPLS = ("reference", "xla", "chunked")
+LONG_LENGTHS = (2048, 8192, 32768)
+LONG_PE = "rope"
+MATERIALISED_COPIES = 3  # logits, probabilities and a mask or bias of the same size
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    dev = jax.devices()[0]
+    import flax
+
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(_total_memory() / 2**30, 1),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Report:
+    """Collects measurements; prints one JSON line each as they come and a table at the end."""
+
+    def __init__(self, out=sys.stdout):
+        self.out = out
+        self.rows: list[dict] = []
+        self.peak_gflops: float | None = None
+
+    def emit(self, workload, variant, metric, values, unit, **extra) -> dict:
+        values = [float(v) for v in np.atleast_1d(values)]
+        row = {
+            "workload": workload,
+            "variant": variant,
+            "metric": metric,
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "repeats": len(values),
+            "unit": unit,
+            **extra,
+            "machine": machine(),
+        }
+        self.rows.append(row)
+        print(json.dumps(row), file=self.out, flush=True)
+        return row
+
+    def throughput(self, workload, variant, flops_per_s, **extra) -> None:
+        """GFLOP/s line with its MFU against this run's matmul peak."""
+        gflops = [f / 1e9 for f in np.atleast_1d(flops_per_s)]
+        mfu = None
+        if self.peak_gflops:
+            mfu = round(statistics.median(gflops) / self.peak_gflops, 4)
+        self.emit(workload, variant, "gflops_per_s", gflops, "GFLOP/s", mfu=mfu, **extra)
+
+    def note(self, workload, variant, text) -> None:
+        row = {"workload": workload, "variant": variant, "metric": "note", "note": text}
+        row["machine"] = machine()
+        self.rows.append(row)
+        print(json.dumps(row), file=self.out, flush=True)
+
+    def table(self) -> str:
+        lines = [
+            "| workload | variant | metric | median | min | max | n | unit | MFU |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            if r["metric"] == "note":
+                lines.append(f"| {r['workload']} | {r['variant']} | note: {r['note']} ||||||||")
+                continue
+            mfu = r.get("mfu")
+            lines.append(
+                f"| {r['workload']} | {r['variant']} | {r['metric']} | {_fmt(r['median'])} | "
+                f"{_fmt(r['min'])} | {_fmt(r['max'])} | {r['repeats']} | {r['unit']} | "
+                f"{'' if mfu is None else f'{100 * mfu:.1f}%'} |"
+            )
+        m = machine()
+        lines.append(
+            f"\n{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, load average "
+            f"{m['loadavg']}, jax {m['jax']} ({m['backend']}, {m['device']}), {m['date']}"
+        )
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    if x == 0 or 0.01 <= abs(x) < 1e5:
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return f"{x:.3g}"
+
+
+def _median(values) -> float:
+    return statistics.median(values)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def transformer_flops(cfg, *, vocab: int, batch: int, length: int, train_step: bool) -> float:
+    """PaLM model FLOPs of one training step (or forward) of a Transformer model block."""
+    L, D, H = cfg["num_layers"], cfg["d_model"], cfg["num_heads"]
+    G = cfg["num_kv_heads"]
+    K = cfg["head_dim"] or D // H
+    F = cfg["mlp_dim"]
+    mlp_mats = 3 if cfg["mlp"] == "swiglu" else 2
+    per_layer = D * H * K + 2 * D * G * K + H * K * D + mlp_mats * D * F
+    params = L * per_layer + D * vocab
+    forward_per_token = 2 * params + 4 * L * H * K * length
+    return (3 if train_step else 1) * forward_per_token * batch * length
+
+
+def xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return None if not cost else float(cost.get("flops", 0.0)) or None
+
+
+def _ready(tree):
+    return jax.block_until_ready(tree)
+
+
+# ----------------------------------------------------------------------------- peak
+
+
+def peak(ctx) -> None:
+    """float32 matmul GFLOP/s through XLA; sets the MFU reference."""
+    sizes = (128, 256) if ctx.smoke else (1024, 2048, 4096)
+    best = 0.0
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        f = jax.jit(jnp.matmul)
+        _ready(f(a, b))
+        inner = max(1, int(2e9 // (2 * n**3))) if not ctx.smoke else 1
+        rates = []
+        for _ in range(ctx.repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                out = f(a, b)
+            _ready(out)
+            rates.append(2 * n**3 * inner / (time.perf_counter() - t0) / 1e9)
+        row = ctx.report.emit("peak", f"matmul_f32_n{n}", "gflops_per_s", rates, "GFLOP/s")
+        best = max(best, row["median"])
+    ctx.report.peak_gflops = best
+    ctx.report.emit("peak", "matmul_f32_best", "gflops_per_s", [best], "GFLOP/s")
+
+
+# ----------------------------------------------------------------------------- w1
+
+
+def w1_config(pe: str, smoke: bool):
+    from configs import formal
+
+    config = formal.get_config(f"task={W1_TASK},pe={pe}" + (",smoke=true" if smoke else ""))
+    if smoke:
+        config.task.max_length = 6
+    config.eval.compilation_cache = ""
+    return config
+
+
+def _train_setup(config, seed: int = 0):
+    """Driver pieces: mesh, model, train state, jitted donated step."""
+    mesh = train.make_mesh(config)
+    tx = train.make_optimizer(config)
+    model = train.build_model(config, seed=seed, mesh=mesh)
+    graphdef, params, rest = train.split_model(model)
+    state = train.init_state(config, graphdef, params, rest, tx)
+    return mesh, tx, graphdef, state, train.make_train_step(config, graphdef, tx)
+
+
+def _shape_key(batch) -> tuple:
+    return tuple((k, v.shape) for k, v in sorted(batch.items()))
+
+
+def _lengths_needed(task, config, steps: int) -> list[int]:
+    """Padded lengths T of the first `steps` batches of seed 0, in order of first use."""
+    layout = attn.models.batch_format(config.model.name, config.model)
+    seen: list[int] = []
+    for step in range(steps):
+        b = input_pipeline.global_batch(task, layout=layout, seed=0, step=step, batch_size=1)
+        T = b["inputs"].shape[1]
+        if T not in seen:
+            seen.append(T)
+    return seen
+
+
+def _batch_at_length(task, config, T: int):
+    """The first pipeline batch of seed 0 whose padded length is T."""
+    layout = attn.models.batch_format(config.model.name, config.model)
+    for step, batch in input_pipeline.train_batches(task, config, layout=layout, seed=0):
+        if batch["inputs"].shape[1] == T:
+            return batch
+        if step > 100_000:
+            raise RuntimeError(f"no batch of padded length {T}")
+
+
+def train_loop(config, *, compile_steps: int, steps: int, repeats: int) -> dict:
+    """The driver's loop on the real pipeline: AOT-compile every shape the first
+    `compile_steps` steps need, then `repeats` timed windows of `steps` steps."""
+    task = tasks.build(config.task)
+    layout = attn.models.batch_format(config.model.name, config.model)
+    mesh, _, _, state, step_fn = _train_setup(config)
+    compiled, compile_s, first_call_s, flops_by_T, xla_by_T = {}, [], [], {}, {}
+    for T in _lengths_needed(task, config, compile_steps):
+        gbatch = train.shard_batch(_batch_at_length(task, config, T), mesh)
+        c0 = time.perf_counter()
+        compiled[_shape_key(gbatch)] = fn = step_fn.lower(state, gbatch).compile()
+        c1 = time.perf_counter()
+        # The first execution of an executable pays one-off set-up: warm-up, not steady state.
+        state, metrics = fn(state, gbatch)
+        jax.device_get(metrics)
+        compile_s.append(c1 - c0)
+        first_call_s.append(time.perf_counter() - c1)
+        flops_by_T[T] = transformer_flops(
+            layers.resolve(attn.models.REGISTRY[config.model.name], config.model),
+            vocab=task.vocab_size,
+            batch=config.train.batch_size,
+            length=T,
+            train_step=True,
+        )
+        xla_by_T[T] = xla_flops(fn)
+    batches = input_pipeline.train_batches(task, config, layout=layout, seed=0)
+    rates, flops_rates, token_rates, real_fraction = [], [], [], []
+    late_compiles = 0
+    for _ in range(repeats):
+        pending, flops, tokens, padded = None, 0.0, 0, 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, batch = next(batches)
+            tokens += int(batch["token_mask"].sum())
+            padded += batch["token_mask"].size
+            gbatch = train.shard_batch(batch, mesh)
+            key = _shape_key(gbatch)
+            if key not in compiled:  # a shape the first compile_steps steps never met
+                late_compiles += 1
+                compiled[key] = step_fn.lower(state, gbatch).compile()
+            state, metrics = compiled[key](state, gbatch)
+            if pending is not None:
+                jax.device_get(pending)
+            pending = metrics
+            flops += flops_by_T.get(batch["inputs"].shape[1], 0.0)
+        jax.device_get(pending)
+        dt = time.perf_counter() - t0
+        rates.append(steps / dt)
+        flops_rates.append(flops / dt)
+        token_rates.append(tokens / dt)
+        real_fraction.append(tokens / padded)
+    return {
+        "steps_per_s": rates,
+        "flops_per_s": flops_rates,
+        "tokens_per_s": token_rates,
+        "real_token_fraction": _median(real_fraction),
+        "compile_s": compile_s,
+        "first_call_s": first_call_s,
+        "lengths": sorted(flops_by_T),
+        "xla_flops": {str(k): v for k, v in xla_by_T.items()},
+        "model_flops": {str(k): v for k, v in flops_by_T.items()},
+        "late_compiles": late_compiles,
+    }
+
+
+def w1(ctx) -> None:
+    steps = 3 if ctx.smoke else ctx.steps or 60
+    compile_steps = 20 if ctx.smoke else W1_AMORTISE_STEPS
+    rep = ctx.report
+    for pe in ctx.variants or W1_PES:
+        res = train_loop(
+            w1_config(pe, ctx.smoke), compile_steps=compile_steps, steps=steps, repeats=ctx.repeats
+        )
+        rep.emit("w1", pe, "steps_per_s", res["steps_per_s"], "steps/s", steps=steps)
+        compile_total = sum(res["compile_s"])
+        first_total = sum(res["first_call_s"])
+        shapes = len(res["compile_s"])
+        rep.emit(
+            "w1",
+            pe,
+            "compile_s_total",
+            [compile_total],
+            "s",
+            compilations=len(res["compile_s"]),
+            lengths=res["lengths"],
+            per_shape_s=[round(c, 3) for c in res["compile_s"]],
+            for_steps=compile_steps,
+            late_compiles=res["late_compiles"],
+            first_calls_s=round(first_total, 3),
+        )
+        rep.emit(
+            "w1",
+            pe,
+            "steps_per_s_1000_with_compile",
+            [
+                W1_AMORTISE_STEPS / (compile_total + first_total + (W1_AMORTISE_STEPS - shapes) / r)
+                for r in res["steps_per_s"]
+            ],
+            "steps/s",
+            compilations=shapes,
+        )
+        rep.emit(
+            "w1",
+            pe,
+            "tokens_per_s",
+            res["tokens_per_s"],
+            "tokens/s",
+            real_token_fraction=round(res["real_token_fraction"], 3),
+        )
+        rep.throughput(
+            "w1",
+            pe,
+            res["flops_per_s"],
+            xla_flops_per_step=res["xla_flops"],
+            model_flops_per_step=res["model_flops"],
+        )
+
+
+# ----------------------------------------------------------------------------- w2 / long
+
+
+def lm_config(pe: str, smoke: bool, **model):
+    """Decoder-only LM config; the w2 shape unless overridden (`smoke`: tiny)."""
+    from configs import base
+
+    config = base.build(
+        task=W1_TASK,
+        model="decoder",
+        pe=pe,
+        sampler="",
+        scorer="",
+        size="s",
+        smoke=smoke,
+        batch_size=8 if smoke else 16,
+    )
+    shape = {"num_layers": 4, "d_model": 256, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 1024}
+    if smoke:
+        shape = {}
+    for key, value in {**shape, **model}.items():
+        config.model[key] = value
+    return config
+
+
+def _lm_model(config, vocab: int, seed: int = 0):
+    rngs = nnx.Rngs(default=seed, params=seed, dropout=seed + 1, positions=seed + 2)
+    return attn.models.build(config.model, vocab_size=vocab, rngs=rngs)
+
+
+def _lm_batch(rng, batch: int, length: int, vocab: int) -> dict:
+    return input_pipeline.format_lm(rng.integers(0, vocab, (batch, length + 1), dtype=np.int32))
+
+
+def lm_train(config, *, vocab: int, length: int, steps: int, repeats: int) -> dict:
+    tx = train.make_optimizer(config)
+    graphdef, params, rest = train.split_model(_lm_model(config, vocab))
+    state = train.init_state(config, graphdef, params, rest, tx)
+    step_fn = train.make_train_step(config, graphdef, tx)
+    rng = np.random.default_rng(0)
+    host = [_lm_batch(rng, config.train.batch_size, length, vocab) for _ in range(4)]
+    first = {k: jnp.asarray(v) for k, v in host[0].items()}
+    c0 = time.perf_counter()
+    fn = step_fn.lower(state, first).compile()
+    compile_s = time.perf_counter() - c0
+    state, metrics = fn(state, first)
+    jax.device_get(metrics)
+    rates = []
+    for _ in range(repeats):
+        pending = None
+        t0 = time.perf_counter()
+        for i in range(steps):
+            batch = {k: jnp.asarray(v) for k, v in host[i % len(host)].items()}
+            state, metrics = fn(state, batch)
+            if pending is not None:
+                jax.device_get(pending)
+            pending = metrics
+        jax.device_get(pending)
+        rates.append(steps / (time.perf_counter() - t0))
+    flops = transformer_flops(
+        layers.resolve(attn.models.REGISTRY["decoder"], config.model),
+        vocab=vocab,
+        batch=config.train.batch_size,
+        length=first["inputs"].shape[1],
+        train_step=True,
+    )
+    return {
+        "steps_per_s": rates,
+        "flops": flops,
+        "xla_flops": xla_flops(fn),
+        "compile_s": compile_s,
+    }
+
+
+def w2(ctx) -> None:
+    length = 16 if ctx.smoke else 256
+    steps = 2 if ctx.smoke else ctx.steps or 10
+    rep = ctx.report
+    for pe in ctx.variants or ("none", "rope", "alibi"):
+        config = lm_config(pe, ctx.smoke)
+        res = lm_train(config, vocab=256, length=length, steps=steps, repeats=ctx.repeats)
+        tokens = config.train.batch_size * length
+        rep.emit("w2", pe, "steps_per_s", res["steps_per_s"], "steps/s", steps=steps)
+        rep.emit("w2", pe, "tokens_per_s", [r * tokens for r in res["steps_per_s"]], "tokens/s")
+        rep.throughput(
+            "w2",
+            pe,
+            [r * res["flops"] for r in res["steps_per_s"]],
+            model_flops_per_step=res["flops"],
+            xla_flops_per_step=res["xla_flops"],
+        )
+        rep.emit("w2", pe, "compile_s", [res["compile_s"]], "s")
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def long_child(spec: dict) -> dict:
+    """Forward of the w2 model at one length with one impl (run in a fresh process)."""
+    config = lm_config(spec["pe"], spec["smoke"], **spec.get("model", {}), impl=spec["impl"])
+    model = _lm_model(config, 256)
+    graphdef, state = nnx.split(model)
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in _lm_batch(np.random.default_rng(0), 1, spec["length"], 256).items()
+    }
+    fn = jax.jit(
+        lambda state, batch: train.loss_and_metrics(nnx.merge(graphdef, state), batch, train=False)[
+            0
+        ]
+    )
+    rss_before = _max_rss_bytes()
+    c0 = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - c0
+    _ready(compiled(state, batch))
+    times = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        _ready(compiled(state, batch))
+        times.append(time.perf_counter() - t0)
+    return {
+        "times": times,
+        "compile_s": compile_s,
+        "rss_before": rss_before,
+        "peak_rss": _max_rss_bytes(),
+        "flops": transformer_flops(
+            layers.resolve(attn.models.REGISTRY["decoder"], config.model),
+            vocab=256,
+            batch=1,
+            length=spec["length"],
+            train_step=False,
+        ),
+    }
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    """`python -m experiments.bench --child SPEC` in a fresh process; its last JSON line."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.bench", "--child", json.dumps(spec)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    return json.loads(lines[-1])
+
+
+def long(ctx) -> None:
+    lengths = (64,) if ctx.smoke else LONG_LENGTHS
+    config = lm_config(LONG_PE, ctx.smoke)
+    H = config.model.num_heads
+    budget = 0.6 * _total_memory()
+    for impl in LONG_IMPLS:
+        for length in lengths:
+            variant = f"{impl}/{length}"
+            need = MATERIALISED_COPIES * H * length * length * 4
+            if impl != "chunked" and need > budget:
+                ctx.report.note(
+                    "long",
+                    variant,
+                    f"skipped: materialised logits need ~{need / 2**30:.0f} GiB "
+                    f"> 60% of {_total_memory() / 2**30:.0f} GiB",
+                )
+                continue
+            spec = {
+                "kind": "long",
+                "impl": impl,
+                "length": length,
+                "pe": LONG_PE,
+                "smoke": ctx.smoke,
+                "repeats": ctx.repeats,
+            }
+            res = run_child(spec, timeout=1200)
+            if "error" in res:
+                ctx.report.note("long", variant, f"failed: {res['error']}")
+                continue
+            ctx.report.emit("long", variant, "forward_s", res["times"], "s", pe=LONG_PE)
+            ctx.report.emit(
+                "long",
+                variant,
+                "peak_rss_gib",
+                [res["peak_rss"] / 2**30],
+                "GiB",
+                rss_before_compile_gib=round(res["rss_before"] / 2**30, 3),
+            )
+            ctx.report.throughput(
+                "long", variant, [res["flops"] / t for t in res["times"]], model_flops=res["flops"]
+            )
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _eval_fn(graphdef):
+    def sums(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        return train.loss_and_metrics(model, batch, train=False)[1]["nll_sum"]
+
+    return jax.jit(sums)
+
+
+def _task_batch(task, config, n: int, seed: int = 0) -> dict:
+    layout = attn.models.batch_format(config.model.name, config.model)
+    x, y, m = task.batch(np.random.default_rng([seed, n]), n, config.train.batch_size)
+    return input_pipeline.format_batch(x + tasks.NUM_SPECIAL, y + tasks.NUM_SPECIAL, m, layout)
+
+
+def compile_child(spec: dict) -> dict:
+    """Time to the first train step with the persistent cache at spec["cache_dir"]."""
+    t0 = time.perf_counter()
+    config = w1_config(spec["pe"], spec["smoke"])
+    config.eval.compilation_cache = spec["cache_dir"]
+    train.setup_compilation_cache(config, spec["cache_dir"])
+    mesh, _, _, state, step_fn = _train_setup(config)
+    task = tasks.build(config.task)
+    batch = train.shard_batch(_task_batch(task, config, spec["n"]), mesh)
+    c0 = time.perf_counter()
+    lowered = step_fn.lower(state, batch)
+    c1 = time.perf_counter()
+    fn = lowered.compile()
+    c2 = time.perf_counter()
+    state, metrics = fn(state, batch)
+    jax.device_get(metrics)
+    return {
+        "lower_s": c1 - c0,
+        "compile_s": c2 - c1,
+        "first_step_s": time.perf_counter() - t0,
+        "setup_s": c0 - t0,
+    }
+
+
+def compile_(ctx) -> None:
+    rep = ctx.report
+    pe = (ctx.variants or ("rope",))[0]
+    config = w1_config(pe, ctx.smoke)
+    n_train, n_eval = (6, 12) if ctx.smoke else (40, 100)
+    task = tasks.build(config.task)
+    mesh, _, graphdef, state, step_fn = _train_setup(config)
+    tbatch = train.shard_batch(_task_batch(task, config, n_train), mesh)
+    ebatch = train.shard_batch(_task_batch(task, config, n_eval), mesh)
+    eval_fn = _eval_fn(graphdef)
+    for name, fn, args in (
+        (f"train_step/T{tbatch['inputs'].shape[1]}", step_fn, (state, tbatch)),
+        (f"eval/T{ebatch['inputs'].shape[1]}", eval_fn, (state["params"], state["rest"], ebatch)),
+    ):
+        lower, comp = [], []
+        for _ in range(ctx.repeats):
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            lowered = fn.lower(*args)
+            t1 = time.perf_counter()
+            lowered.compile()
+            lower.append(t1 - t0)
+            comp.append(time.perf_counter() - t1)
+        variant = f"{pe}/{name}"
+        rep.emit("compile", variant, "lower_s", lower, "s", layers=config.model.num_layers)
+        rep.emit("compile", variant, "compile_s", comp, "s", layers=config.model.num_layers)
+        rep.emit(
+            "compile", variant, "total_s", [a + b for a, b in zip(lower, comp, strict=True)], "s"
+        )
+    runs: dict[str, list] = {"cold": [], "warm": []}
+    for _ in range(ctx.repeats):
+        with tempfile.TemporaryDirectory(prefix="attn_bench_cache_") as cache_dir:
+            spec = {"kind": "compile", "pe": pe, "smoke": ctx.smoke, "n": n_train}
+            for which in ("cold", "warm"):
+                res = run_child({**spec, "cache_dir": cache_dir}, timeout=600)
+                if "error" in res:
+                    rep.note("compile", f"{pe}/cache_{which}", f"failed: {res['error']}")
+                    return
+                runs[which].append(res)
+    for which, results in runs.items():
+        variant = f"{pe}/persistent_cache_{which}"
+        for key in ("lower_s", "compile_s", "first_step_s"):
+            rep.emit("compile", variant, key, [r[key] for r in results], "s")
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def seeds(ctx) -> None:
+    num = 2 if ctx.smoke else 8
+    steps = 2 if ctx.smoke else ctx.steps or 10
+    pe = (ctx.variants or ("rope",))[0]
+    config = w1_config(pe, ctx.smoke)
+    n = 4 if ctx.smoke else 20
+    task = tasks.build(config.task)
+    mesh = train.make_mesh(config)
+    tx = train.make_optimizer(config)
+    states, graphdef = [], None
+    for s in range(num):
+        graphdef, params, rest = train.split_model(train.build_model(config, seed=s, mesh=mesh))
+        states.append(train.init_state(config, graphdef, params, rest, tx))
+    host = [_task_batch(task, config, n, seed=s) for s in range(num)]
+    batches = [train.shard_batch(b, mesh) for b in host]
+    stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    stacked = {k: jax.device_put(np.stack([b[k] for b in host]), stacked_sharding) for k in host[0]}
+    vstate = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    single = train.make_train_step(config, graphdef, tx)
+    vmapped = jax.jit(
+        jax.vmap(train.make_train_step(config, graphdef, tx, donate=False)), donate_argnums=(0,)
+    )
+
+    def run_vmapped(k):
+        nonlocal vstate
+        for _ in range(k):
+            vstate, metrics = vmapped(vstate, stacked)
+        jax.device_get(metrics)
+
+    def run_sequential(k):
+        for _ in range(k):
+            for i in range(num):
+                states[i], metrics = single(states[i], batches[i])
+        jax.device_get(metrics)
+
+    timings = {}
+    for name, fn in (("vmapped", run_vmapped), ("sequential", run_sequential)):
+        fn(2)  # the second call may recompile for the output shardings of the first
+        times = []
+        for _ in range(ctx.repeats):
+            t0 = time.perf_counter()
+            fn(steps)
+            times.append((time.perf_counter() - t0) / steps)
+        timings[name] = times
+        ctx.report.emit(
+            "seeds",
+            f"{pe}/{name}",
+            "s_per_step_all_seeds",
+            times,
+            "s",
+            seeds=num,
+            padded_length=host[0]["inputs"].shape[1],
+        )
+    ctx.report.emit(
+        "seeds",
+        f"{pe}/{num}_seeds",
+        "vmapped_speedup",
+        [s / v for s, v in zip(timings["sequential"], timings["vmapped"], strict=True)],
+        "x",
+    )
+
+
+# ----------------------------------------------------------------------------- gpu
+
+
+def gpu(ctx) -> None:
+    rep = ctx.report
+    if jax.default_backend() != "gpu":
+        rep.note("gpu", "-", f"skipped: no GPU backend (backend is {jax.default_backend()})")
+        return
+    n = 8192
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(jnp.matmul)
+    _ready(f(a, a))
+    rates = []
+    for _ in range(ctx.repeats):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            out = f(a, a)
+        _ready(out)
+        rates.append(2 * n**3 * 10 / (time.perf_counter() - t0) / 1e9)
+    bf16_peak = rep.emit("gpu", "matmul_bf16_n8192", "gflops_per_s", rates, "GFLOP/s")["median"]
+    shape = {"num_layers": 12, "d_model": 768, "num_heads": 12, "num_kv_heads": 12}
+    shape.update({"mlp_dim": 3072, "dtype": "bfloat16"})
+    if ctx.smoke:
+        shape = {"dtype": "bfloat16"}
+    length = 64 if ctx.smoke else 1024
+    config = lm_config("rope", ctx.smoke, **shape)
+    res = lm_train(config, vocab=256, length=length, steps=ctx.steps or 10, repeats=ctx.repeats)
+    rep.emit("gpu", "w2_large_bf16", "steps_per_s", res["steps_per_s"], "steps/s")
+    flops = [r * res["flops"] / 1e9 for r in res["steps_per_s"]]
+    rep.emit(
+        "gpu",
+        "w2_large_bf16",
+        "gflops_per_s",
+        flops,
+        "GFLOP/s",
+        mfu=round(_median(flops) / bf16_peak, 4),
+    )
+    for impl in ("chunked", "cudnn"):
+        spec = {"kind": "long", "impl": impl, "pe": "rope", "smoke": ctx.smoke}
+        spec.update({"length": 256 if ctx.smoke else 8192, "repeats": ctx.repeats})
+        res = long_child({**spec, "model": shape})
+        rep.emit("gpu", f"{impl}/{spec['length']}", "forward_s", res["times"], "s")
+
+
+# ----------------------------------------------------------------------------- main
+
+WORKLOADS = {"w1": w1, "w2": w2, "long": long, "compile": compile_, "seeds": seeds, "gpu": gpu}
+CHILDREN = {"long": long_child, "compile": compile_child}
+
+
+class Context:
+    def __init__(self, args, report: Report):
+        self.report = report
+        self.smoke = args.smoke
+        self.repeats = args.repeats or (1 if args.smoke else 3)
+        self.steps = args.steps
+        self.variants = args.variants
+
+
+def main(argv=None) -> Report:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; numbers mean nothing")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
+    parser.add_argument("--variants", nargs="+", default=None, help="PEs for w1/w2/compile/seeds")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)
+        return Report()
+    report = Report()
+    ctx = Context(args, report)
+    peak(ctx)
+    for name in args.workload:
+        WORKLOADS[name](ctx)
+    print("\n" + report.table(), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    main()
