@@ -393,7 +393,7 @@ def run_attention(run_dir: str | Path, length: int) -> tuple[dict[int, np.ndarra
     import attn.models
     from experiments import checkpoint, config_utils, input_pipeline, tasks, train
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # orbax refuses relative checkpoint paths
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"--attention: {run_dir} is not a run directory (no config.json)")
     config = config_utils.load_json(str(run_dir / "config.json"))
@@ -488,8 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = compare(
             args.roots, args.out, metric=args.metric, attention=args.attention, length=args.length
         )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"compare: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"compare: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(report["table"])
     for task, row in best_per_task(report["rows"]).items():
