@@ -255,7 +255,8 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, cfg: Mapping[str, Any], *, d_model: int, causal: bool, cross=False, rngs):
-        H, G = cfg["num_heads"], cfg["num_kv_heads"]
+        H = cfg["num_heads"]
+        G = cfg["num_kv_heads"] or H
         K = cfg["head_dim"] or d_model // H
         require(H % G == 0, "model.num_kv_heads", f"num_heads={H} is not a multiple of {G}")
         self.num_heads, self.num_kv_heads, self.head_dim = H, G, K
@@ -285,9 +286,7 @@ class MultiHeadAttention(nnx.Module):
             self.k_norm = RMSNorm(K, rngs=rngs, axis_name="head_dim")
         else:
             self.q_norm = self.k_norm = nnx.data(None)
-        scorer_cfg = as_dict(cfg["scorer"])
-        scorer_cls = lookup(attn.scoring.REGISTRY, scorer_cfg["name"], "model.scorer.name")
-        self.scorer = scorer_cls(scorer_cfg, num_heads=H, head_dim=K, rngs=rngs)
+        self.scorer = attn.scoring.build(cfg["scorer"], num_heads=H, head_dim=K, rngs=rngs)
 
     def _project(self, x_q, x_kv):
         q, k, v = self.q(x_q), self.k(x_kv), self.v(x_kv)

@@ -31,6 +31,7 @@ from flax import nnx
 import attn.attention
 import attn.pe
 import attn.positions
+import attn.scoring
 from attn import layers
 from attn.layers import Embedder, as_dict, resolve
 from attn.registry import ConfigError, lookup, require
@@ -39,7 +40,7 @@ TRANSFORMER_DEFAULTS = {
     "num_layers": 5,
     "d_model": 64,
     "num_heads": 8,
-    "num_kv_heads": 8,
+    "num_kv_heads": 0,  # 0: num_heads (MHA); 1: MQA; else GQA
     "head_dim": 0,  # 0: d_model // num_heads
     "mlp_dim": 256,
     "mlp": "relu",
@@ -61,7 +62,8 @@ TRANSFORMER_DEFAULTS = {
 
 def validate_transformer(cfg: Mapping[str, Any], *, max_length: int | None = None) -> None:
     """ConfigError for impossible Transformer settings (cfg already resolved)."""
-    H, G, D = cfg["num_heads"], cfg["num_kv_heads"], cfg["d_model"]
+    H, D = cfg["num_heads"], cfg["d_model"]
+    G = cfg["num_kv_heads"] or H
     require(H > 0 and G > 0, "model.num_heads", f"heads must be positive, got {H}, {G}")
     require(H % G == 0, "model.num_kv_heads", f"num_heads={H} must be a multiple of {G}")
     if not cfg["head_dim"]:
@@ -87,7 +89,12 @@ def validate_transformer(cfg: Mapping[str, Any], *, max_length: int | None = Non
     sampler = lookup(attn.positions.REGISTRY, cfg["positions"]["name"], "model.positions.name")(
         cfg["positions"]
     )
-    lookup(attn.scoring.REGISTRY, cfg["scorer"]["name"], "model.scorer.name")
+    scorer_cls = lookup(attn.scoring.REGISTRY, cfg["scorer"]["name"], "model.scorer.name")
+    if scorer_cls.materialises_logits and cfg["impl"] not in attn.scoring.MATERIALISED_IMPLS:
+        raise ConfigError(
+            f"model.impl: {cfg['impl']!r} cannot run scorer {cfg['scorer']['name']!r}, which "
+            f"needs materialised logits; use one of {', '.join(attn.scoring.MATERIALISED_IMPLS)}"
+        )
     if getattr(pe_cls, "needs_materialized_logits", False) and cfg["impl"] == "chunked":
         raise ConfigError(
             f"model.impl: pe {cfg['pe']['name']!r} needs materialised logits; "
@@ -170,7 +177,15 @@ class TransformerBase(nnx.Module):
         self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
 
     def positions(self, batch_size: int, length: int, *, train: bool):
-        return self.sampler(batch_size, length, train=train, rng=self.position_rng())
+        """Positions from the sampler; the rng stream advances only in training, so an
+        evaluation call mutates nothing (plain jax.jit / grad over a closed-over model work).
+        """
+        stream = self.position_rng
+        if train:
+            rng = stream()
+        else:
+            rng = jax.random.fold_in(stream.key[...], stream.count[...])
+        return self.sampler(batch_size, length, train=train, rng=rng)
 
     def _embed(self, tokens, pos, train):
         x = self.pe.embed(self.embedder.embed(tokens), pos)
