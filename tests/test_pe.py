@@ -20,7 +20,7 @@ from flax import nnx
 import attn.pe
 import attn.positions
 from attn.attention import dot_product_attention
-from attn.pe.base import PositionalEncoding, relative_positions
+from attn.pe.base import UNWRITTEN_POSITION, PositionalEncoding, relative_positions
 from attn.registry import ConfigError
 
 B, L, D, H, G, K = 2, 6, 16, 4, 2, 8
@@ -108,7 +108,7 @@ def attend(pe, x_BLD, pos_BL, w, causal):
 
 
 attend_jit = nnx.jit(attend, static_argnames="causal")
-bias_jit = nnx.jit(lambda pe, q, k, pos: pe.bias(pos, pos, q, k))
+bias_jit = nnx.jit(lambda pe, q, k, qpos, kpos: pe.bias(qpos, kpos, q, k))
 
 
 def hook_outputs(pe, x_BLD, q_BLHK, k_BSGK, qpos_BL, kpos_BS):
@@ -187,9 +187,26 @@ def check_shift_invariance(name, sampler, causal):
     )
     q = jax.random.normal(jax.random.key(3), (B, LONG, H, K))
     k = jax.random.normal(jax.random.key(4), (B, LONG, G, K))
-    bias = bias_jit(pe, q, k, pos)
+    bias = bias_jit(pe, q, k, pos, pos)
     if bias is not None:
-        np.testing.assert_allclose(bias_jit(pe, q, k, shifted), bias, rtol=1e-5, atol=1e-5)
+        moved = bias_jit(pe, q, k, shifted, shifted)
+        np.testing.assert_allclose(moved, bias, rtol=1e-5, atol=1e-5)
+
+
+def check_unwritten_cache_slots(name, sampler):
+    """Causal: keys at UNWRITTEN_POSITION (empty KV-cache slots) leave the bias of the real
+    keys unchanged."""
+    pe = make_pe(name, True)
+    pos = positions(sampler, LONG)
+    kpos = jnp.concatenate([pos, jnp.full((B, 3), UNWRITTEN_POSITION, pos.dtype)], axis=1)
+    q = jax.random.normal(jax.random.key(3), (B, LONG, H, K))
+    k = jax.random.normal(jax.random.key(4), (B, LONG, G, K))
+    k_cache = jnp.concatenate([k, jnp.zeros((B, 3, G, K))], axis=1)
+    bias = bias_jit(pe, q, k, pos, pos)
+    if bias is not None:
+        with_slots = bias_jit(pe, q, k_cache, pos, kpos)
+        assert bool(jnp.all(jnp.isfinite(with_slots)))
+        np.testing.assert_allclose(with_slots[..., :LONG], bias, rtol=1e-5, atol=1e-4)
 
 
 def check_long_inputs_finite(name, sampler, causal):
@@ -216,6 +233,7 @@ def check_contract(name, sampler, causal):
     check_jit(name, sampler, causal)
     if causal:
         check_causality(name, sampler)
+        check_unwritten_cache_slots(name, sampler)
     check_shift_invariance(name, sampler, causal)
     check_long_inputs_finite(name, sampler, causal)
 

@@ -33,6 +33,12 @@ from flax import nnx
 
 from attn.registry import ConfigError
 
+# Position for KV-cache slots not yet written: after every real query, so that a causal
+# encoding treats them as future keys (masked), and small enough that key - query positions
+# neither overflow int32 nor make any bias non-finite. CoPE needs it: its gates sum over
+# every "past" key.
+UNWRITTEN_POSITION = 2**30
+
 
 def resolve_config(defaults: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict:
     """DEFAULTS overridden by cfg (minus "name"); an unknown field is a ConfigError."""

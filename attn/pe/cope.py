@@ -11,11 +11,11 @@ p_ij sums over every key between j and i, so a block of keys is not enough: the 
 `needs_materialized_logits` and the layer passes the full rows. Causality and direction
 come from the positions (key position <= query position is "past"), which also handles the
 bottom-right alignment of a KV cache; a cache must therefore give slots not yet written a
-position after every query (a far-future sentinel), or their gates count as past. The paper
-is causal; for bidirectional attention keys after the query count gates from i up to j and
-use a second embedding table (our choice), so left and right stay distinct. Positions enter
-only through comparisons, so the encoding is shift invariant. Embeddings start at zero as in
-the paper (`init_std` = 0).
+position after every query (`attn.pe.base.UNWRITTEN_POSITION`), or their gates count as
+past. The paper is causal; for bidirectional attention keys after the query count gates
+from i up to j and use a second embedding table (our choice), so left and right stay
+distinct. Positions enter only through comparisons, so the encoding is shift invariant.
+Embeddings start at zero as in the paper (`init_std` = 0).
 """
 
 import math
