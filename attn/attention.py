@@ -11,9 +11,23 @@ uses `where` with a finite large negative, and a fully masked query row returns 
 is an array broadcastable to BHLS or a callable `bias_fn(q_idx, k_idx)` on int32 row/column
 indices of the block being computed.
 
-Implementations, selected by `impl`:
+Implementations, selected by `impl` (dispatch through the IMPLEMENTATIONS dict):
 - "reference": materialises the B x H x L x S logits; the oracle every other one is tested
   against.
+- "chunked": blockwise online softmax in pure JAX (Rabe & Staats 2021, "Self-attention Does
+  Not Need O(n^2) Memory"; Dao et al. 2022 and Dao 2023, FlashAttention 1/2) with a custom VJP
+  that recomputes block probabilities from the saved logsumexp, so forward and backward memory
+  is O(L x block). Key blocks that the causal/window mask hides are skipped, and the mask is
+  only evaluated on blocks that it cuts. Bias callables are evaluated per block.
+- "xla" / "cudnn": `jax.nn.dot_product_attention`. Its `is_causal` and `local_window_size` are
+  top-left aligned when L != S, so our mask is passed explicitly (cuDNN gets its own flags
+  only where they mean the same, L == S); it averages fully masked rows, so they are zeroed
+  afterwards. Its GQA grouping is contiguous, like ours. cuDNN needs a GPU and bf16/fp16.
+- "auto": `choose_impl` by shapes, bias kind and backend; logs each distinct choice once.
+
+Measured on the 2-core CPU (B=1, H=8, K=64; see the attention report): chunked causal forward
+is ~2x cheaper than XLA at 1k and ~4x at 8k, chunked forward+backward at 8k is ~2x faster than
+XLA and uses 0.4 GiB instead of 11 GiB; a 32k causal forward peaks at 0.6 GiB.
 """
 
 import dataclasses
@@ -309,15 +323,27 @@ def _flash(plan: _Plan, q, k, v, bias, mask, consts):
 
 
 def _flash_fwd(plan: _Plan, q, k, v, bias, mask, consts):
+    # Symbolic zeros tell which of bias / bias-callable constants are differentiated; a bias
+    # that is a constant (ALiBi, masks as biases) then costs the backward nothing extra. The
+    # answer travels as pytree structure, () = wanted, None = not, so it stays static.
+    wanted = (
+        () if bias is not None and bias.perturbed else None,
+        () if any(c.perturbed for c in consts) else None,
+    )
+    q, k, v, bias, mask, consts = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (q, k, v, bias, mask, consts)
+    )
     out, lse = _flash_forward(plan, q, k, v, bias, mask, consts)
-    return out, (q, k, v, bias, mask, consts, out, lse)
+    return out, (q, k, v, bias, mask, consts, out, lse, wanted)
 
 
 def _flash_bwd(plan: _Plan, residuals, d_out):
     """FlashAttention-2 backward: recompute each visible block's probabilities from the saved
     logsumexp, so memory stays O(L x block) and hidden blocks are skipped as in the forward."""
-    q, k, v, bias, mask, consts, out, lse = residuals
+    q, k, v, bias, mask, consts, out, lse, (bias_wanted, consts_wanted) = residuals
     B, _, G, R, _ = q.shape
+    if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+        d_out = jnp.zeros(out.shape, out.dtype)
     delta = jnp.einsum(
         "BLGRK,BLGRK->BGRL", d_out.astype(jnp.float32), out.astype(jnp.float32)
     )  # rowsum(dO * O) = sum_j p_ij dp_ij
@@ -335,7 +361,7 @@ def _flash_bwd(plan: _Plan, residuals, d_out):
             dq_i, dk, dv, dbias, dconsts = inner
             k_j = jax.lax.dynamic_slice_in_dim(k, j * plan.bk, plan.bk, axis=1)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * plan.bk, plan.bk, axis=1)
-            if plan.bias_fn is not None:
+            if dconsts is not None:
                 q_idx, k_idx = plan.bias_indices(i, j)
                 bias_ij, bias_vjp = jax.vjp(lambda *c: plan.bias_fn(q_idx, k_idx, *c), *consts)
             else:
@@ -365,7 +391,7 @@ def _flash_bwd(plan: _Plan, residuals, d_out):
                     j * plan.bk if plan.bias_sliced[1] else 0,
                 )
                 dbias = _add_at(dbias, _sum_to_shape(ds_BHLS, bias_ij.shape), starts)
-            if dconsts:
+            if dconsts is not None:
                 d_bias_ij = _sum_to_shape(ds_BHLS, jnp.shape(bias_ij)).astype(bias_ij.dtype)
                 dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(d_bias_ij))
             return dq_i, dk, dv, dbias, dconsts
@@ -377,16 +403,18 @@ def _flash_bwd(plan: _Plan, residuals, d_out):
     init = (
         jnp.zeros(k.shape, jnp.float32),
         jnp.zeros(v.shape, jnp.float32),
-        None if bias is None else jnp.zeros(bias.shape, jnp.float32),
-        tuple(jnp.zeros_like(c) for c in consts),
+        None if bias_wanted is None else jnp.zeros(bias.shape, jnp.float32),
+        None if consts_wanted is None else tuple(jnp.zeros_like(c) for c in consts),
     )
     (dk, dv, dbias, dconsts), dq = jax.lax.scan(query_block, init, jnp.arange(plan.nq))
     dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape)
-    dbias = None if bias is None else dbias.astype(bias.dtype)
+    dbias = None if dbias is None else dbias.astype(bias.dtype)
+    if dconsts is None:
+        dconsts = tuple(jnp.zeros_like(c) for c in consts)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, dconsts
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 
 def _padded_operand(x, B: int, H: int, L: int, S: int, Lp: int, Sp: int, fill):
@@ -555,7 +583,7 @@ def _cudnn(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.
 # ------------------------------------------------------------------------------------- auto
 
 AUTO_MAX_LOGITS_BYTES = 256 * 2**20
-AUTO_CHUNKED_CAUSAL_MIN_LEN = 2048
+AUTO_CHUNKED_CAUSAL_MIN_LEN = 1024
 _logged_choices: set = set()
 
 

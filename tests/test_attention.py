@@ -188,14 +188,26 @@ def test_bf16_softmax_is_float32():
     np.testing.assert_allclose(w[0, 0, 0], jax.nn.softmax(bias), rtol=1e-6)
 
 
-def test_chunked_default_blocks_and_jit_equal_no_jit():
+def test_chunked_default_blocks_with_undifferentiated_biases():
+    # Default block sizes (one ragged block here), and biases that are constants of the
+    # gradient: an array, and a callable closing over traced but undifferentiated slopes.
     q, k, v = _qkv(4, L=7, S=11)
-    want = attention.dot_product_attention(q, k, v, causal=True, window=5, impl="reference")
-    fn = lambda q, k, v: attention.dot_product_attention(
-        q, k, v, causal=True, window=5, impl="chunked"
-    )
-    np.testing.assert_allclose(fn(q, k, v), want, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(jax.jit(fn)(q, k, v), want, rtol=2e-5, atol=2e-5)
+    bias = _normal(9, (1, 4, 7, 11))
+    slopes = jnp.array([0.5, 0.25, 0.125, 0.0625])
+
+    def grads(impl):
+        def loss(q, slopes):
+            alibi = lambda qi, ki: -slopes[:, None, None] * jnp.abs(qi[:, None] - ki[None, :])
+            kw = dict(causal=True, window=5, impl=impl)
+            out = attention.dot_product_attention(q, k, v, bias=bias, **kw)
+            out2 = attention.dot_product_attention(q, k, v, bias=alibi, **kw)
+            return jnp.sum(jnp.sin(out) + out2**2)
+
+        return jax.jit(jax.value_and_grad(loss))(q, slopes)
+
+    (got, got_dq), (want, want_dq) = grads("chunked"), grads("reference")
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    np.testing.assert_allclose(got_dq, want_dq, rtol=5e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("L,S,bq,bk", [(7, 12, 4, 3), (12, 7, 4, 3), (9, 9, 2, 5)])
