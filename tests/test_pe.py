@@ -266,10 +266,19 @@ LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "state
 
 
 @pytest.mark.parametrize("name", sorted(attn.pe.REGISTRY))
-def test_parameters_carry_logical_axes(name):
+def test_parameters_finite_with_logical_axes(name):
     for causal in (True, False):
-        params = nnx.state(make_pe(name, causal), nnx.Param)
+        pe = attn.pe.build(
+            attn.pe.default_config(name),
+            d_model=D,
+            num_heads=H,
+            head_dim=K,
+            causal=causal,
+            rngs=nnx.Rngs(0),
+        )
+        params = nnx.state(pe, nnx.Param)
         for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+            assert bool(jnp.all(jnp.isfinite(v.get_value())))
             axes = v.get_metadata().get("out_sharding")
             assert axes is not None and len(axes) == v.get_value().ndim
             assert set(axes) <= LOGICAL_AXES

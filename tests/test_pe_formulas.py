@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import attn.pe
-from attn.pe import alibi, rope, sinusoidal, t5, xpos
+from attn.pe import alibi, base, rope, sinusoidal, t5, xpos
 
 RNG = np.random.default_rng(0)
 
@@ -433,3 +433,10 @@ def test_cope_kv_cache_step_matches_full_rows():
     full = pe.bias(pos, pos, q, k)
     step = pe.bias(pos[:, -2:], pos, q[:, -2:], k)
     np.testing.assert_allclose(step, full[:, :, -2:], rtol=1e-6)
+
+
+def test_inverse_softplus_round_trips_small_and_large():
+    y = jnp.array([1e-3, 0.1, 1.0, 20.0, 512.0, 1e6])
+    x = base.inverse_softplus(y)
+    assert bool(jnp.all(jnp.isfinite(x)))
+    np.testing.assert_allclose(jax.nn.softplus(x), y, rtol=1e-5)

@@ -81,6 +81,15 @@ def lookup_rows(table_NX: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take(table_NX, lo, axis=0) * (1 - w) + jnp.take(table_NX, hi, axis=0) * w
 
 
+def inverse_softplus(y):
+    """x with softplus(x) = y > 0: the raw value of a parameter kept positive by softplus.
+
+    Written as y + log(1 - exp(-y)), which stays finite for large y (log(expm1(y)) does not).
+    """
+    y = jnp.asarray(y, jnp.float32)
+    return y + jnp.log(-jnp.expm1(-y))
+
+
 def repeat_kv(k_BSGK: jax.Array, num_heads: int) -> jax.Array:
     """Expand G key heads to H query heads, contiguous groups (head h reads h // (H // G))."""
     return jnp.repeat(k_BSGK, num_heads // k_BSGK.shape[2], axis=2)

@@ -19,11 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attn.pe.base import PositionalEncoding, param, relative_positions
-
-
-def inverse_softplus(y: float) -> float:
-    return float(jnp.log(jnp.expm1(jnp.float32(y))))
+from attn.pe.base import PositionalEncoding, inverse_softplus, param, relative_positions
 
 
 def psi(x: jax.Array, c: jax.Array) -> jax.Array:

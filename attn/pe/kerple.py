@@ -16,14 +16,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attn.pe.base import PositionalEncoding, param, relative_positions, resolve_config
+from attn.pe.base import (
+    PositionalEncoding,
+    inverse_softplus,
+    param,
+    relative_positions,
+    resolve_config,
+)
 from attn.registry import require
 
 VARIANTS = ("log", "power")
-
-
-def inverse_softplus(y: jax.Array) -> jax.Array:
-    return jnp.log(jnp.expm1(y))
 
 
 def log_bias(dist: jax.Array, r1: jax.Array, r2: jax.Array) -> jax.Array:
