@@ -41,7 +41,7 @@ def causal_mask(L: int, S: int, q_idx=None, k_idx=None):
 def check_window(window) -> None:
     """Raise ConfigError unless window is None or a positive int."""
     if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-        raise ConfigError(f"window: must be a positive integer or None, got {window!r}")
+        raise ConfigError(f"model.window: must be a positive integer or None, got {window!r}")
 
 
 def window_mask(L: int, S: int, window: int | None, causal: bool, q_idx=None, k_idx=None):
