@@ -11,8 +11,9 @@ sampler, scorer, size, smoke (task is fixed to "text"; the corpus is
   ./launch.sh train --config configs/lm.py:pe=rope,size=m --workdir runs/lm_rope
 
 Expected: ALiBi's perplexity stays flat (or improves) past 512 tokens; sinusoidal explodes
-beyond the training length; RoPE and T5 degrade in between (Press et al. Fig. 1). Size s at
-512 tokens is slow on CPU (about TIME_LM for 2,000 steps at batch 32); use a GPU for real runs.
+beyond the training length; RoPE and T5 degrade in between (Press et al. Fig. 1). Size s on
+512-token windows costs ~10x a formal step (estimate, not measured): hours for 2,000 steps on
+the shared 2-core CPU; use a GPU for real runs.
 """
 
 from configs import base

@@ -184,6 +184,7 @@ def _clean(obj):
 
 def run(workdir: str, *, lengths=None) -> dict:
     """Evaluate the latest good checkpoint of `workdir` at `lengths` (default: eval.lengths)."""
+    workdir = os.path.abspath(workdir)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"--workdir: {path} not found; not a run directory (train it first)")

@@ -447,7 +447,11 @@ def make_train_step(config, graphdef, tx, *, donate: bool = True):
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A finite loss and gradient can still overflow a parameter; checking the new
+        # parameters too keeps every saved checkpoint finite.
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        )
         if skip:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             params, opt = keep(params, state["params"]), keep(opt, state["opt"])
@@ -581,6 +585,7 @@ def run(config, workdir: str, *, eval_lengths=None) -> dict:
     """Train `config` in `workdir` (resuming), evaluate, write results.json and DONE."""
     from experiments import evaluate
 
+    workdir = os.path.abspath(workdir)  # orbax wants absolute paths
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     validate(config, workdir=workdir, eval_lengths=eval_lengths)
@@ -649,7 +654,7 @@ def load_state(config, workdir: str, *, mesh: Mesh | None = None, step: int | No
     """(graphdef, train state, step) restored from workdir's checkpoints (latest good step)."""
     mesh = mesh or make_mesh(config)
     graphdef, _, abstract, shardings = _init_fn(config, mesh, make_optimizer(config))
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    ckpt = ckpt_lib.Checkpointer(os.path.abspath(workdir), keep=config.train.keep_checkpoints)
     try:
         state, step = ckpt.restore(_with_shardings(abstract, shardings), step=step)
     finally:
@@ -686,7 +691,8 @@ def _train(
         process_count=jax.process_count(),
     )
     pending = None  # (step, metrics on device, tokens, compile_s) fetched one step late
-    window = {"t": time.perf_counter(), "steps": 0, "tokens": 0}
+    # Throughput and ETA leave out compilation (paid once per batch shape) and evaluation.
+    window = {"t": time.perf_counter(), "steps": 0, "tokens": 0, "excluded": 0.0}
     last_ckpt = ckpt.latest_step()
     run_started = time.perf_counter()
 
@@ -700,13 +706,13 @@ def _train(
         if not bool(m["finite"]) and not t.skip_nonfinite:
             where = f"step {last_ckpt} in {workdir}/checkpoints" if last_ckpt else "none (step 0)"
             raise ckpt_lib.RunError(
-                f"non-finite loss at step {step} (loss={float(m['loss'])}); last good "
+                f"non-finite loss/gradients at step {step} (loss={float(m['loss'])}); last good "
                 f"checkpoint: {where}; lower the learning rate or set "
                 "--config.train.skip_nonfinite=true"
             )
         if step % t.log_every == 0 or step == total or compile_s:
             now = time.perf_counter()
-            dt = max(now - window["t"], 1e-9)
+            dt = max(now - window["t"] - window["excluded"], 1e-9)
             rate = window["steps"] / dt
             row = {
                 "step": step,
@@ -732,7 +738,7 @@ def _train(
                 f"{rate:.1f} step/s {row['tokens_per_s']:.0f} tok/s "
                 f"eta {_fmt_eta(row['eta_s'])}",
             )
-            window.update(t=now, steps=0, tokens=0)
+            window.update(t=now, steps=0, tokens=0, excluded=0.0)
 
     try:
         for step, batch in batches:
@@ -752,6 +758,7 @@ def _train(
                 c0 = time.perf_counter()
                 compiled[key] = step_fn.lower(state, gbatch).compile()
                 compile_s = time.perf_counter() - c0
+                window["excluded"] += compile_s
             state, metrics = compiled[key](state, gbatch)
             flush()
             pending = (step + 1, metrics, compile_s)
@@ -760,6 +767,7 @@ def _train(
             done = step + 1
             if t.eval_every and done % t.eval_every == 0 and done < total:
                 flush()
+                e0 = time.perf_counter()
                 evaluate.evaluate_model(
                     config,
                     merge_model(graphdef, state),
@@ -768,6 +776,7 @@ def _train(
                     lengths=resolve_eval_lengths(config, during_training=True),
                     log_row=logger.row,
                 )
+                window["excluded"] += time.perf_counter() - e0
             if done % t.ckpt_every == 0 and done < total:
                 flush()
                 ckpt.save(done, state)
