@@ -270,8 +270,12 @@ def assert_same_metrics(run_dir: Path, reference: Path) -> None:
     """metrics.jsonl reads as if the run had never been interrupted (no duplicate rows)."""
     rows = strip_timing(ck.read_jsonl(run_dir / "metrics.jsonl"))
     ref_rows = strip_timing(ck.read_jsonl(reference / "metrics.jsonl"))
-    steps = [(r["step"], r["split"], r.get("length")) for r in rows]
-    assert steps == [(r["step"], r["split"], r.get("length")) for r in ref_rows]
+    keys = [(r["step"], r["split"], r.get("length")) for r in rows]
+    ref_keys = [(r["step"], r["split"], r.get("length")) for r in ref_rows]
+    extra = [k for k in keys if keys.count(k) > ref_keys.count(k)]
+    assert keys == ref_keys, (
+        f"metrics.jsonl rows (step, split, length) repeated after resume: {extra}"
+    )
     assert rows == ref_rows
 
 
@@ -304,25 +308,29 @@ def baseline(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- 1 kill -9
 
 KILL_POINTS = {
-    # name: (predicate factory, slow?)
-    "during_second_async_save": (lambda w: lambda: committed(w, 4) and saving(w), False),
-    "during_first_async_save": (lambda w: lambda: saving(w), True),
-    "before_first_checkpoint": (
-        lambda w: lambda: last_train_step(w) >= 2 and not committed(w, 4),
-        True,
+    "during_second_async_save": lambda w: lambda: committed(w, 4) and saving(w),
+    "during_first_async_save": lambda w: lambda: saving(w),
+    "before_first_checkpoint": lambda w: lambda: last_train_step(w) >= 2 and not committed(w, 4),
+    "during_step_between_checkpoints": lambda w: (
+        lambda: committed(w, 8) and last_train_step(w) >= 9
     ),
-    "during_step_between_checkpoints": (
-        lambda w: lambda: committed(w, 8) and last_train_step(w) >= 9,
-        True,
-    ),
-    "after_final_checkpoint_before_eval": (lambda w: lambda: committed(w, 16), True),
-    "during_eval": (lambda w: lambda: evaluating(w), True),
+    "after_final_checkpoint_before_eval": lambda w: lambda: committed(w, 16),
+    "during_eval": lambda w: lambda: evaluating(w),
+}
+# The slow matrix: kill sequences (one kill each, and one run killed twice).
+KILL_SEQUENCES = {
+    "during_first_async_save": ["during_first_async_save"],
+    "before_first_checkpoint": ["before_first_checkpoint"],
+    "during_step_between_checkpoints": ["during_step_between_checkpoints"],
+    "after_final_checkpoint_before_eval": ["after_final_checkpoint_before_eval"],
+    "during_eval": ["during_eval"],
+    "twice": ["before_first_checkpoint", "during_step_between_checkpoints"],
 }
 
 
 def _kill_then_resume(workdir: Path, points: list[str]) -> Path:
     for name in points:
-        kill_when(workdir, KILL_POINTS[name][0](workdir), *KILL_FLAGS)
+        kill_when(workdir, KILL_POINTS[name](workdir), *KILL_FLAGS)
         assert not (workdir / "DONE").exists()
     code, err = run(workdir, *KILL_FLAGS)
     assert code == 0, err[-3000:]
@@ -344,20 +352,21 @@ def test_kill9_resumed_metrics_have_no_duplicate_rows(killed_during_save, baseli
     assert_same_metrics(killed_during_save, baseline)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", [p for p, (_, slow) in KILL_POINTS.items() if slow])
-def test_kill9_matrix_resumes_bit_identical(tmp_path, baseline, point):
-    workdir = _kill_then_resume(tmp_path / "run", [point])
-    assert_bit_identical(workdir, baseline)
-    assert_same_metrics(workdir, baseline)
+@pytest.fixture(scope="module", params=list(KILL_SEQUENCES))
+def killed_at(request, tmp_path_factory) -> Path:
+    """A run killed -9 at each place of KILL_SEQUENCES, then re-run to the end."""
+    workdir = tmp_path_factory.mktemp(f"killed_{request.param}") / "run"
+    return _kill_then_resume(workdir, KILL_SEQUENCES[request.param])
 
 
 @pytest.mark.slow
-def test_kill9_twice_resumes_bit_identical(tmp_path, baseline):
-    points = ["before_first_checkpoint", "during_step_between_checkpoints"]
-    workdir = _kill_then_resume(tmp_path / "run", points)
-    assert_bit_identical(workdir, baseline)
-    assert_same_metrics(workdir, baseline)
+def test_kill9_matrix_resumes_bit_identical(killed_at, baseline):
+    assert_bit_identical(killed_at, baseline)
+
+
+@pytest.mark.slow
+def test_kill9_matrix_metrics_have_no_duplicate_rows(killed_at, baseline):
+    assert_same_metrics(killed_at, baseline)
 
 
 # ----------------------------------------------------------------------------- 2 signals
