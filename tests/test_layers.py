@@ -1,0 +1,212 @@
+"""Tests of attn.layers and attn.sharding: MLP kinds, attention (GQA, self/cross, PE hooks,
+per-block bias callable, KV cache == full forward for every registered PE), blocks, logical
+axis names and their mapping onto a ("data", "model") mesh.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+import attn.pe
+from attn import layers, sharding
+from attn.models import Decoder, EncoderDecoder
+from attn.registry import ConfigError
+
+D = 16
+
+
+def mha_cfg(**kw):
+    cfg = layers.resolve(EncoderDecoder, {"num_heads": 4, "num_kv_heads": 2, "head_dim": 4, **kw})
+    return cfg
+
+
+def build_mha(pe="none", *, causal=True, cross=False, **kw):
+    cfg = mha_cfg(pe={"name": pe}, **kw)
+    rngs = nnx.Rngs(0)
+    mha = layers.MultiHeadAttention(cfg, d_model=D, causal=causal, cross=cross, rngs=rngs)
+    pe_mod = attn.pe.build(cfg["pe"], d_model=D, num_heads=4, head_dim=4, causal=causal, rngs=rngs)
+    return mha, pe_mod
+
+
+def x_and_pos(B=2, T=7, seed=1):
+    x = jax.random.normal(jax.random.key(seed), (B, T, D))
+    return x, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+@pytest.mark.parametrize("kind", sorted(layers.MLP_KINDS))
+def test_mlp_kinds_shapes(kind):
+    mlp = layers.MLP(kind, d_model=D, mlp_dim=32, rngs=nnx.Rngs(0))
+    y = mlp(jnp.ones((2, 3, D)), train=False)
+    assert y.shape == (2, 3, D) and y.dtype == jnp.float32
+    assert (mlp.gate is not None) == layers.MLP_KINDS[kind][1]
+
+
+def test_mlp_unknown_kind():
+    with pytest.raises(ConfigError, match="model.mlp"):
+        layers.MLP("tanh", d_model=D, mlp_dim=32, rngs=nnx.Rngs(0))
+
+
+def test_gqa_shapes_and_bad_heads():
+    mha, pe = build_mha()
+    x, pos = x_and_pos()
+    assert mha.k.kernel.shape == (D, 2, 4) and mha.q.kernel.shape == (D, 4, 4)
+    assert mha(x, pos_BL=pos, pe=pe).shape == x.shape
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        build_mha(num_kv_heads=3)
+
+
+def test_attention_weights_causal_rows_sum_to_one():
+    mha, pe = build_mha("alibi")
+    x, pos = x_and_pos()
+    y, w = mha(x, pos_BL=pos, pe=pe, return_weights=True)
+    assert w.shape == (2, 4, 7, 7)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.abs(jnp.triu(w, 1)).max()) == 0.0
+
+
+@pytest.mark.parametrize("pe", sorted(attn.pe.REGISTRY))
+def test_bias_callable_matches_materialised(pe):
+    mha, pe_mod = build_mha(pe)
+    x, pos = x_and_pos(T=5)
+    qi, ki = jnp.array([1, 4], jnp.int32), jnp.array([0, 2, 3], jnp.int32)
+
+    @nnx.jit
+    def blocks(mha, pe_mod):
+        q, k, _ = mha._project(x, x)
+        fn = layers.positional_bias(pe_mod, q, k, pos, pos, materialize=False)
+        if fn is None:
+            return None
+        full = layers.positional_bias(pe_mod, q, k, pos, pos, materialize=True)
+        block = jnp.broadcast_to(fn(qi, ki), (2, 4, 2, 3))
+        return block, jnp.broadcast_to(full, (2, 4, 5, 5))[:, :, qi][:, :, :, ki]
+
+    out = blocks(mha, pe_mod)
+    if out is not None:
+        np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
+
+
+@nnx.jit
+def _full_and_incremental(mha, pe_mod, x, pos, lengths):
+    """Full forward; and a ragged right-padded prefill of 4 then 4 single-token steps."""
+    full = mha(x, pos_BL=pos, pe=pe_mod)
+    valid = jnp.arange(4)[None] < lengths[:, None]
+    cache = mha.init_cache(2, 8, dtype=jnp.float32)
+    prefill, cache = mha.decode(x[:, :4], cache, pos_BL=pos[:, :4], pe=pe_mod, valid_BL=valid)
+    steps = []
+    for step in range(4):
+        t = lengths + step
+        xt = jnp.take_along_axis(x, t[:, None, None], 1)
+        y, cache = mha.decode(xt, cache, pos_BL=t[:, None], pe=pe_mod)
+        steps.append(y[:, 0])
+    return full, prefill, jnp.stack(steps, 1), cache["length"]
+
+
+@pytest.mark.parametrize("pe", sorted(attn.pe.REGISTRY))
+def test_kv_cache_equals_full_forward(pe):
+    """Every PE: cached decoding (GQA, window 3, ragged prefill) == the full forward pass."""
+    mha, pe_mod = build_mha(pe, window=3)
+    x, pos = x_and_pos(T=7)
+    lengths = jnp.array([3, 2])
+    full, prefill, steps, final = _full_and_incremental(mha, pe_mod, x, pos, lengths)
+    for b in range(2):
+        n = int(lengths[b])
+        np.testing.assert_allclose(prefill[b, :n], full[b, :n], atol=1e-5)
+        np.testing.assert_allclose(steps[b], full[b, n : n + 4], atol=1e-5)
+    np.testing.assert_array_equal(final, lengths + 4)
+
+
+@pytest.mark.parametrize("pe", sorted(attn.pe.REGISTRY))
+def test_cross_attention_pe_policy(pe):
+    """Cross attention ignores the PE by default; cross_pe=True needs PE support."""
+    mem = jax.random.normal(jax.random.key(5), (2, 5, D))
+    mem_pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    mha, pe_mod = build_mha(pe, causal=False, cross=True)
+    x, pos = x_and_pos(T=3)
+    y = mha(x, pos_BL=pos, pe=pe_mod, kv_BSD=mem, kv_pos_BS=mem_pos)
+    assert y.shape == x.shape
+    if attn.pe.REGISTRY[pe].supports_cross_attention:
+        build_mha(pe, causal=False, cross=True, cross_pe=True)
+    else:
+        with pytest.raises(ConfigError, match="cross attention"):
+            build_mha(pe, causal=False, cross=True, cross_pe=True)
+
+
+def test_key_padding_mask_hides_padded_keys():
+    mha, pe = build_mha(causal=False)
+    x, pos = x_and_pos(T=6)
+    mask = jnp.arange(6)[None].repeat(2, 0) < 4
+    noisy = x.at[:, 4:].set(100.0)
+    a = mha(x, pos_BL=pos, pe=pe, kv_mask_BS=mask)
+    b = mha(noisy, pos_BL=pos, pe=pe, kv_mask_BS=mask)
+    np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_block_norm_placement(norm):
+    cfg = mha_cfg(norm=norm, mlp_dim=32)
+    block = layers.Block(cfg, d_model=D, causal=True, rngs=nnx.Rngs(0))
+    x, pos = x_and_pos()
+    y, _ = block(
+        3.0 * x + 1.0,
+        pos=pos,
+        mask=None,
+        pe=attn.pe.build(
+            {"name": "none"}, d_model=D, num_heads=4, head_dim=4, causal=True, rngs=nnx.Rngs(0)
+        ),
+        train=False,
+    )
+    normalised = np.allclose(y.mean(-1), 0.0, atol=1e-4) and np.allclose(y.std(-1), 1.0, atol=1e-2)
+    assert normalised == (norm == "post")
+
+
+def test_every_param_has_logical_axes():
+    model = Decoder(
+        {
+            "num_layers": 1,
+            "d_model": D,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "qk_norm": True,
+            "mlp": "swiglu",
+            "pe": {"name": "t5"},
+        },
+        vocab_size=9,
+        rngs=nnx.Rngs(0),
+    )
+    allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "state", None}
+    params = jax.tree.leaves(
+        nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Param)
+    )
+    assert params
+    for p in params:
+        axes = p.get_metadata()["out_sharding"]
+        assert len(axes) == p.get_value().ndim and set(axes) <= allowed, (axes, p.shape)
+
+
+def test_sharding_maps_logical_names_onto_mesh():
+    model = Decoder(
+        {"num_layers": 1, "d_model": D, "num_heads": 4, "num_kv_heads": 1},
+        vocab_size=10,
+        rngs=nnx.Rngs(0),
+    )
+    spec = sharding.logical_spec(model)
+    assert spec["stack"]["blocks"][0]["attn"]["q"]["kernel"].get_value() == PartitionSpec(
+        "embed", "heads", "head_dim"
+    )
+    mesh_spec = sharding.logical_to_mesh(spec)
+    assert mesh_spec["stack"]["blocks"][0]["attn"]["q"]["kernel"].get_value() == PartitionSpec(
+        None, "model", None
+    )
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    shardings = sharding.mesh_sharding(nnx.state(model), mesh)
+    placed = jax.device_put(nnx.state(model), shardings)
+    q = placed["stack"]["blocks"][0]["attn"]["q"]["kernel"].get_value()
+    assert q.sharding.spec == PartitionSpec(None, "model", None)
+    # vocab 10 on a model axis of 4 and MQA's single kv head cannot split: replicated.
+    assert placed["embedder"]["table"].get_value().sharding.spec == PartitionSpec(None, None)
+    k = placed["stack"]["blocks"][0]["attn"]["k"]["kernel"].get_value()
+    assert k.sharding.spec == PartitionSpec(None, None, None)
+    assert sharding.data_sharding(mesh).spec == PartitionSpec("data")
