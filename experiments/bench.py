@@ -116,8 +116,8 @@ def _total_memory() -> int:
 class Report:
     """Collects measurements; prints one JSON line each as they come and a table at the end."""
 
-    def __init__(self, out=sys.stdout):
-        self.out = out
+    def __init__(self, out=None):
+        self.out = out  # None: sys.stdout at print time
         self.rows: list[dict] = []
         self.peak_gflops: float | None = None
 
@@ -136,7 +136,7 @@ class Report:
             "machine": machine(),
         }
         self.rows.append(row)
-        print(json.dumps(row), file=self.out, flush=True)
+        self._print(row)
         return row
 
     def throughput(self, workload, variant, flops_per_s, **extra) -> None:
@@ -151,7 +151,10 @@ class Report:
         row = {"workload": workload, "variant": variant, "metric": "note", "note": text}
         row["machine"] = machine()
         self.rows.append(row)
-        print(json.dumps(row), file=self.out, flush=True)
+        self._print(row)
+
+    def _print(self, row) -> None:
+        print(json.dumps(row), file=self.out or sys.stdout, flush=True)
 
     def table(self) -> str:
         lines = [

@@ -1,0 +1,78 @@
+"""Smoke tests for experiments/bench.py: every workload runs at --smoke sizes and prints valid
+JSON lines (one per measurement, with the machine description) followed by the table.
+
+No timing is asserted: the numbers of a smoke run mean nothing (DESIGN.md section 5).
+"""
+
+import json
+
+import pytest
+
+from experiments import bench
+
+KEYS = {"workload", "variant", "metric", "machine"}
+STATS = {"median", "min", "max", "repeats", "unit"}
+
+
+def run(capsys, *argv):
+    bench.main(["--smoke", *argv])
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in out if line.startswith("{")]
+    table_at = next(i for i, line in enumerate(out) if line.startswith("| workload |"))
+    assert all(not line.startswith("{") for line in out[table_at:]), "the table comes last"
+    for row in rows:
+        assert KEYS <= set(row), row
+        assert row["metric"] == "note" or STATS <= set(row), row
+        assert {"cpu", "cores", "jax", "backend"} <= set(row["machine"])
+    return rows
+
+
+def metrics(rows, workload):
+    return {(r["variant"], r["metric"]) for r in rows if r["workload"] == workload}
+
+
+def test_in_process_workloads(capsys):
+    rows = run(capsys, "--workload", "w1", "w2", "seeds", "gpu", "--variants", "alibi")
+    peak = [r for r in rows if r["workload"] == "peak"]
+    assert peak and peak[-1]["median"] > 0
+    assert {("alibi", "steps_per_s"), ("alibi", "steps_per_s_1000_with_compile")} <= metrics(
+        rows, "w1"
+    )
+    compiles = next(r for r in rows if r["workload"] == "w1" and r["metric"] == "compile_s_total")
+    assert compiles["compilations"] >= 1 and compiles["late_compiles"] == 0
+    w2 = [r for r in rows if r["workload"] == "w2" and r["metric"] == "gflops_per_s"]
+    assert w2 and 0 < w2[0]["mfu"]
+    assert ("alibi/2_seeds", "vmapped_speedup") in metrics(rows, "seeds")
+    assert metrics(rows, "gpu")
+
+
+@pytest.mark.slow  # fresh subprocesses, each importing JAX and compiling: ~30 s
+@pytest.mark.parametrize("workload", ["long", "compile"])
+def test_subprocess_workloads(capsys, workload):
+    rows = run(capsys, "--workload", workload)
+    got = [r for r in rows if r["workload"] == workload]
+    assert got and not [r for r in got if "failed" in r.get("note", "")], got
+    if workload == "long":
+        assert {r["variant"] for r in got if r["metric"] == "peak_rss_gib"} == {
+            f"{impl}/64" for impl in bench.LONG_IMPLS
+        }
+    else:
+        warm = [r for r in got if r["variant"].endswith("persistent_cache_warm")]
+        assert {r["metric"] for r in warm} == {"lower_s", "compile_s", "first_step_s"}
+
+
+def test_transformer_flops_palm_formula():
+    cfg = {
+        "num_layers": 2,
+        "d_model": 8,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "head_dim": 0,
+        "mlp_dim": 16,
+        "mlp": "relu",
+    }
+    params = 2 * (4 * 8 * 8 + 2 * 8 * 16) + 8 * 10
+    per_token = 6 * params + 12 * 2 * 8 * 4
+    got = bench.transformer_flops(cfg, vocab=10, batch=3, length=4, train_step=True)
+    assert got == per_token * 3 * 4
+    assert bench.transformer_flops(cfg, vocab=10, batch=3, length=4, train_step=False) == got / 3
