@@ -448,10 +448,9 @@ def make_train_step(config, graphdef, tx, *, donate: bool = True):
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         # A finite loss and gradient can still overflow a parameter; checking the new
-        # parameters too keeps every saved checkpoint finite.
-        finite = (
-            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
-        )
+        # parameters too keeps every saved checkpoint finite. (Not via norms: a norm of
+        # finite but large values can overflow.)
+        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
         if skip:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             params, opt = keep(params, state["params"]), keep(opt, state["opt"])
@@ -472,6 +471,10 @@ def make_train_step(config, graphdef, tx, *, donate: bool = True):
         return new_state, metrics
 
     return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def shard_batch(batch: dict, mesh: Mesh, *, local: bool = True) -> dict:
