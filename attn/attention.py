@@ -25,9 +25,10 @@ Implementations, selected by `impl` (dispatch through the IMPLEMENTATIONS dict):
   afterwards. Its GQA grouping is contiguous, like ours. cuDNN needs a GPU and bf16/fp16.
 - "auto": `choose_impl` by shapes, bias kind and backend; logs each distinct choice once.
 
-Measured on the 2-core CPU (B=1, H=8, K=64; see the attention report): chunked causal forward
-is ~2x cheaper than XLA at 1k and ~4x at 8k, chunked forward+backward at 8k is ~2x faster than
-XLA and uses 0.4 GiB instead of 11 GiB; a 32k causal forward peaks at 0.6 GiB.
+Measured on the shared 2-core CPU (B=1, H=8, K=64; method in the attention report): the
+chunked causal forward costs ~2x less CPU than XLA at 1k-2k and ~5x less at 8k; chunked
+forward+backward at 8k is ~2x faster than XLA and peaks at 0.45 GiB instead of 11 GiB; a 32k
+causal forward peaks at 0.6 GiB.
 """
 
 import dataclasses
@@ -69,18 +70,13 @@ def default_scale(scale, K: int) -> float:
     return 1.0 / math.sqrt(K) if scale is None else scale
 
 
-def _block_bias(bias, q_idx, k_idx):
-    """The bias for rows q_idx and columns k_idx, float32, or None."""
+def full_bias(bias, L: int, S: int):
+    """The whole float32 bias (a callable is evaluated on all L x S indices), or None."""
     if bias is None:
         return None
     if callable(bias):
-        return jnp.asarray(bias(q_idx, k_idx), jnp.float32)
+        bias = bias(jnp.arange(L, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
     return jnp.asarray(bias, jnp.float32)
-
-
-def full_bias(bias, L: int, S: int):
-    """The whole float32 bias (a callable is evaluated on all L x S indices), or None."""
-    return _block_bias(bias, jnp.arange(L, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
 
 
 def combined_mask(L: int, S: int, mask, causal: bool, window):
@@ -127,6 +123,7 @@ def attention_weights(
 
 
 def apply_weights(probs_BHLS, v_BSGK, dtype) -> jax.Array:
+    """sum_s probs * v for contiguous query-head groups, -> BLHK in `dtype`."""
     B, H, L, S = probs_BHLS.shape
     G = v_BSGK.shape[2]
     p = probs_BHLS.reshape(B, G, H // G, L, S)
