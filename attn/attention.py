@@ -589,19 +589,20 @@ def choose_impl(
 ) -> str:
     """The implementation `impl="auto"` uses for these shapes, bias kind and backend.
 
-    cuDNN where it runs; chunked when float32 logits (plus a materialised bias callable) would
-    exceed AUTO_MAX_LOGITS_BYTES, or when a causal/window mask hides enough key blocks for
-    skipping them to beat materialising; otherwise XLA.
+    cuDNN where it runs, unless a bias callable would have to be materialised too large for
+    it; chunked when float32 logits (plus a materialised bias callable) would exceed
+    AUTO_MAX_LOGITS_BYTES, or when a causal/window mask hides enough key blocks for skipping
+    them to beat materialising (measured on CPU: from 1k); otherwise XLA.
     """
     B, L, H, _ = q_shape
     S = k_shape[1]
-    if cudnn_unsupported_reason(q_shape, dtype, backend) is None:
-        return "cudnn"
-    logits_bytes = B * H * L * S * 4 * (2 if callable_bias else 1)
-    masked = causal or window is not None
-    if logits_bytes > AUTO_MAX_LOGITS_BYTES or (
-        masked and min(L, S) >= AUTO_CHUNKED_CAUSAL_MIN_LEN
+    too_big = B * H * L * S * 4 * (2 if callable_bias else 1) > AUTO_MAX_LOGITS_BYTES
+    if cudnn_unsupported_reason(q_shape, dtype, backend) is None and not (
+        callable_bias and too_big
     ):
+        return "cudnn"
+    masked = causal or window is not None
+    if too_big or (masked and min(L, S) >= AUTO_CHUNKED_CAUSAL_MIN_LEN):
         return "chunked"
     return "xla"
 

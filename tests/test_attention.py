@@ -304,6 +304,10 @@ def test_auto_choice():
     gpu = dict(dtype=jnp.bfloat16, backend="gpu")
     assert attention.choose_impl((1, 4096, 8, 64), (1, 4096, 8, 64), **gpu) == "cudnn"
     assert attention.choose_impl((1, 64, 8, 12), (1, 64, 8, 12), **gpu) == "xla"
+    # A bias callable would be materialised for cuDNN: too big at 16k, so chunked.
+    long = ((1, 16384, 8, 64), (1, 16384, 8, 64))
+    assert attention.choose_impl(*long, callable_bias=True, **gpu) == "chunked"
+    assert attention.choose_impl(*long, **gpu) == "cudnn"
 
 
 def test_auto_runs_and_logs_once(caplog):
