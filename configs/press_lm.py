@@ -35,7 +35,7 @@ ENCODINGS = ("none", "sinusoidal", "learned", "t5", "alibi", "rope")
 EXTRAPOLATION = (1, 2, 4, 8, 16)
 
 # The reduced protocol: a tiny decoder on 64-byte windows, evaluated on 64..1024 bytes.
-MINI = {"size": "xs", "context": 64, "steps": 600, "batch_size": 16, "num_examples": 32}
+MINI = {"size": "xs", "context": 64, "steps": 1000, "batch_size": 16, "num_examples": 32}
 
 # size "" and context 0 mean "the protocol's" (full or mini); any other value overrides it.
 ARGS = {**lm.ARGS, "pe": "none", "size": "", "context": 0, "mini": False}
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
         config.train.batch_size = MINI["batch_size"]
         config.train.eval_every = 0
         config.train.log_every = 50
-        config.train.ckpt_every = 200
+        config.train.ckpt_every = 500
         config.eval.num_examples = MINI["num_examples"]
         config.eval.batch_size = MINI["num_examples"]
     return config

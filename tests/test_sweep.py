@@ -205,3 +205,22 @@ def test_real_driver_sweep_isolates_a_failing_point(tmp_path, capsys):
         if d.is_dir()
     }
     assert runs == {failed: 2, "pe=alibi,seed=0": 1, "pe=rope,seed=0": 1, "pe=none,seed=0": 1}
+
+
+@pytest.mark.slow
+def test_vmap_seeds_sweep_writes_one_run_per_seed(tmp_path):
+    """sweep --vmap_seeds -> one experiments.seeds program -> per-seed runs compare reads."""
+    from experiments import compare
+
+    config = tmp_path / "seeds_grid.py"
+    config.write_text(
+        "from configs import formal\n\n"
+        "def get_config(arg=None):\n    return formal.get_config(arg)\n\n"
+        "def get_sweep(arg=None):\n    return {'pe': ['alibi'], 'seed': [0, 1]}\n"
+    )
+    workdir = tmp_path / "runs"
+    argv = ["--config", f"{config}:smoke=true", "--workdir", str(workdir), "--vmap_seeds"]
+    assert sweep.main([*argv, "--config.eval.lengths=8", "--config.eval.compilation_cache="]) == 0
+    assert (workdir / f"pe=alibi.{sweep.LOG_FILE}").exists()
+    (row,) = compare.compare([workdir], tmp_path / "report")["rows"]
+    assert row.n == 2 and {r.seed for r in row.runs} == {0, 1}
