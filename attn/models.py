@@ -115,15 +115,28 @@ def validate_transformer(cfg: Mapping[str, Any], *, max_length: int | None = Non
 
 
 class Stack(nnx.Module):
-    """num_layers blocks applied in order, collecting attention maps of the layers asked for."""
+    """num_layers blocks applied in order, collecting attention maps of the layers asked for.
+
+    With scan_layers the blocks' parameters are stacked on a leading "layers" axis and run
+    under nnx.scan, so the step compiles one block instead of num_layers.
+    """
 
     def __init__(self, cfg, *, causal: bool, cross: bool, rngs):
-        self.blocks = nnx.List(
-            [
-                layers.Block(cfg, d_model=cfg["d_model"], causal=causal, cross=cross, rngs=rngs)
-                for _ in range(cfg["num_layers"])
-            ]
+        n = cfg["num_layers"]
+        make = lambda r: layers.Block(
+            cfg, d_model=cfg["d_model"], causal=causal, cross=cross, rngs=r
         )
+        self.num_layers = n
+        self.scanned = bool(cfg["scan_layers"])
+        if self.scanned:
+            stacked = nnx.split_rngs(splits=n)(
+                nnx.vmap(
+                    make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+                )
+            )
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([make(rngs) for _ in range(n)])
         self.final_norm = (
             nnx.data(None)
             if layers.NORM_PLACEMENTS[cfg["norm"]]
@@ -131,6 +144,9 @@ class Stack(nnx.Module):
         )
 
     def __call__(self, x, *, pos, mask, pe, memory=None, train, return_attention=(), offset=0):
+        wanted = [i for i in return_attention if offset <= i < offset + self.num_layers]
+        if self.scanned:
+            return self._scanned(x, pos, mask, pe, memory, train, wanted, offset)
         maps = {}
         for i, block in enumerate(self.blocks):
             want = i + offset in return_attention
@@ -140,6 +156,23 @@ class Stack(nnx.Module):
             if want:
                 maps[i + offset] = w
         return self.finish(x), maps
+
+    def _scanned(self, x, pos, mask, pe, memory, train, wanted, offset):
+        want = bool(wanted)
+
+        @nnx.scan(
+            in_axes=(0, nnx.Carry, None),
+            out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
+        def body(block, x, pe):
+            x, w = block(
+                x, pos=pos, mask=mask, pe=pe, memory=memory, train=train, return_weights=want
+            )
+            return x, w
+
+        x, ws = body(self.blocks, x, pe)
+        return self.finish(x), {i: ws[i - offset] for i in wanted}
 
     def finish(self, x):
         return x if self.final_norm is None else self.final_norm(x)
@@ -200,6 +233,11 @@ class TransformerBase(nnx.Module):
         if pos_BL is None:
             pos_BL = cache[0]["self"]["length"][:, None] + jnp.arange(tokens_BL.shape[1])
         x = self._embed(tokens_BL, pos_BL, False)
+        require(
+            not stack.scanned,
+            "model.scan_layers",
+            "KV-cache decoding runs the unscanned layers; build the model with scan_layers=False",
+        )
         new_cache = []
         for block, c in zip(stack.blocks, cache, strict=True):
             x, c = block.decode(x, c, pos=pos_BL, pe=self.pe, valid=valid_BL)

@@ -243,6 +243,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"generate: {path} not found: not a run directory (train it first)")
     config = config_utils.load_json(path)
     layout = attn.models.batch_format(config.model.name, config.model)
+    if layout not in ("decoder", "seq2seq"):
+        raise SystemExit(f"generate: model {config.model.name!r} ({layout} layout) cannot decode")
     task = tasks.build(config.task)
     mesh = train.make_mesh(config)
     graphdef, _, abstract, shardings = train._init_fn(config, mesh, train.make_optimizer(config))
@@ -259,10 +261,8 @@ def main(argv=None) -> int:
     if layout == "seq2seq":
         kw = {"src": jnp.asarray([ids], jnp.int32)}
         prompt = [BOS]
-    elif layout == "decoder":
-        prompt = ids if task.family == "text" else ids + [SEP]
     else:
-        raise SystemExit(f"generate: model {config.model.name!r} ({layout} layout) cannot decode")
+        prompt = ids if task.family == "text" else ids + [SEP]
     tokens, logliks = generate(
         model,
         jnp.asarray([prompt], jnp.int32),
