@@ -84,14 +84,16 @@ MINI = {
     "max_position": 128,
 }
 
-# size "" and lr 0 mean "the protocol's" (full or mini); any other value overrides it.
-ARGS = {**formal.ARGS, "pe": "none", "size": "", "lr": 0.0, "mini": False}
+# size "" and lr 0 mean "the protocol's" (full or mini); any other value overrides it. seeds
+# (the sweep's number of seeds, 0: the protocol's) only shapes get_sweep.
+ARGS = {**formal.ARGS, "pe": "none", "size": "", "lr": 0.0, "mini": False, "seeds": 0}
 sweep_vmap_seeds = True
 
 
 def get_config(arg: str | None = None):
     args = config_utils.parse_arg(arg, ARGS)
     mini, lr = args.pop("mini"), args.pop("lr")
+    del args["seeds"]
     args["size"] = args["size"] or (MINI["size"] if mini else "s")
     config = formal.get_config(",".join(f"{k}={v}" for k, v in args.items()))
     config.train.optimizer.lr = lr or (MINI["lr"] if mini else 3e-4)
@@ -118,12 +120,14 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None):
-    if config_utils.parse_arg(arg, ARGS)["mini"]:
-        return {"task": MINI["tasks"], "pe": MINI["encodings"], "sampler": SAMPLERS, "seed": [0]}
+    args = config_utils.parse_arg(arg, ARGS)
+    if args["mini"]:
+        seeds = range(args["seeds"] or 1)
+        return {"task": MINI["tasks"], "pe": MINI["encodings"], "sampler": SAMPLERS, "seed": seeds}
     return {
         "task": TASKS,
         "pe": ENCODINGS,
         "sampler": SAMPLERS,
         "lr": LEARNING_RATES,
-        "seed": SEEDS,
+        "seed": range(args["seeds"]) if args["seeds"] else SEEDS,
     }

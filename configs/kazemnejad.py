@@ -55,14 +55,16 @@ MINI = {
     "num_examples": 128,
 }
 
-# size "" and lr 0 mean "the protocol's" (full or mini); any other value overrides it.
-ARGS = {**algorithmic.ARGS, "size": "", "lr": 0.0, "mini": False}
+# size "" and lr 0 mean "the protocol's" (full or mini); any other value overrides it. seeds
+# (the sweep's number of seeds, 0: the protocol's) only shapes get_sweep.
+ARGS = {**algorithmic.ARGS, "size": "", "lr": 0.0, "mini": False, "seeds": 0}
 sweep_vmap_seeds = True
 
 
 def get_config(arg: str | None = None):
     args = config_utils.parse_arg(arg, ARGS)
     mini, lr = args.pop("mini"), args.pop("lr")
+    del args["seeds"]
     args["size"] = args["size"] or (MINI["size"] if mini else "l")
     config = algorithmic.get_config(",".join(f"{k}={v}" for k, v in args.items()))
     config.train.optimizer.lr = lr or (MINI["lr"] if mini else 1e-4)
@@ -85,6 +87,11 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None):
-    if config_utils.parse_arg(arg, ARGS)["mini"]:
-        return {"task": MINI["tasks"], "pe": ENCODINGS, "seed": [0]}
-    return {"task": TASKS, "pe": ENCODINGS, "seed": SEEDS}
+    args = config_utils.parse_arg(arg, ARGS)
+    if args["mini"]:
+        return {"task": MINI["tasks"], "pe": ENCODINGS, "seed": range(args["seeds"] or 1)}
+    return {
+        "task": TASKS,
+        "pe": ENCODINGS,
+        "seed": range(args["seeds"]) if args["seeds"] else SEEDS,
+    }
