@@ -359,7 +359,9 @@ class MultiHeadAttention(nnx.Module):
         return {
             "k": jnp.zeros(shape, dtype),
             "v": jnp.zeros(shape, dtype),
-            "pos": jnp.zeros((batch_size, max_length), pos_dtype),
+            # Unwritten slots sit after every query, so position-counting encodings (CoPE)
+            # see them as future keys rather than as keys at position 0.
+            "pos": jnp.full((batch_size, max_length), attn.pe.base.UNWRITTEN_POSITION, pos_dtype),
             "length": jnp.zeros((batch_size,), jnp.int32),
         }
 

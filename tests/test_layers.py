@@ -106,8 +106,20 @@ def _full_and_incremental(mha, pe_mod, x, pos, lengths):
 
 @pytest.mark.parametrize("pe", sorted(attn.pe.REGISTRY))
 def test_kv_cache_equals_full_forward(pe):
-    """Every PE: cached decoding (GQA, window 3, ragged prefill) == the full forward pass."""
+    """Every PE: cached decoding (GQA, window 3, ragged prefill) == the full forward pass.
+
+    PE parameters are perturbed away from their initial values: CoPE starts at zero, and a
+    zero encoding would hide a cache that feeds it wrong key positions.
+    """
     mha, pe_mod = build_mha(pe, window=3)
+    params = nnx.state(pe_mod, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), max(len(leaves), 1))
+    noisy = [
+        p + 0.5 * jax.random.normal(k, p.shape, p.dtype)
+        for p, k in zip(leaves, keys[: len(leaves)], strict=True)
+    ]
+    nnx.update(pe_mod, jax.tree.unflatten(treedef, noisy))
     x, pos = x_and_pos(T=7)
     lengths = jnp.array([3, 2])
     full, prefill, steps, final = _full_and_incremental(mha, pe_mod, x, pos, lengths)
