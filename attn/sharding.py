@@ -64,7 +64,7 @@ def logical_to_mesh(spec, rules: Mapping[str, str | None] = RULES):
     )
 
 
-def _fit(axes: tuple, shape: tuple, mesh: jax.sharding.Mesh) -> PartitionSpec:
+def fit_spec(axes: tuple, shape: tuple, mesh: jax.sharding.Mesh) -> PartitionSpec:
     """Drop mesh axes that do not divide their dimension or are used twice."""
     used, out = set(), []
     for axis, size in zip(axes, shape, strict=True):
@@ -88,7 +88,7 @@ def mesh_sharding(state, mesh: jax.sharding.Mesh, rules: Mapping[str, str | None
         value = v.get_value()
         axes = [None if a is None else rules.get(a) for a in _logical_axes(v)]
         shape = tuple(getattr(value, "shape", ()))
-        return v.replace(NamedSharding(mesh, _fit(tuple(axes), shape, mesh)))
+        return v.replace(NamedSharding(mesh, fit_spec(tuple(axes), shape, mesh)))
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
 

@@ -323,7 +323,18 @@ def merge_model(graphdef, state: dict) -> nnx.Module:
 
 def _shardings(abstract_tree, mesh: Mesh):
     with flax_spmd.logical_axis_rules(_rules()):
-        return nnx.get_named_sharding(abstract_tree, mesh)
+        named = nnx.get_named_sharding(abstract_tree, mesh)
+    # A mesh axis that does not divide a dimension (6 heads on model=4) replicates it.
+    return jax.tree.map(
+        lambda a, s: NamedSharding(
+            mesh,
+            attn.sharding.fit_spec(
+                tuple(s.spec) + (None,) * (len(a.shape) - len(s.spec)), a.shape, mesh
+            ),
+        ),
+        abstract_tree,
+        named,
+    )
 
 
 def _abstract_model(config, seed: int):
@@ -618,8 +629,14 @@ def _run_locked(config, workdir, eval_lengths, evaluate) -> dict:
             state, start = init(), 0
         else:
             log.info("resumed from step %d in %.2fs", start, time.perf_counter() - t0)
-            if main:
-                ckpt_lib.rewind_jsonl(os.path.join(workdir, "metrics.jsonl"), start)
+        if main:
+            # Rows past the restored step (or all rows, when no checkpoint committed) will be
+            # logged again, and so will the final evaluation, which always reruns at the end.
+            ckpt_lib.rewind_jsonl(
+                os.path.join(workdir, "metrics.jsonl"),
+                start,
+                keep=lambda r: r["split"] == "train" or r["step"] < config.train.steps,
+            )
         if main and os.path.exists(done) and start < config.train.steps:
             os.remove(done)
         with ckpt_lib.StopSignals() as stop:
