@@ -246,15 +246,10 @@ def main(argv=None) -> int:
     if layout not in ("decoder", "seq2seq"):
         raise SystemExit(f"generate: model {config.model.name!r} ({layout} layout) cannot decode")
     task = tasks.build(config.task)
-    mesh = train.make_mesh(config)
-    graphdef, _, abstract, shardings = train._init_fn(config, mesh, train.make_optimizer(config))
-    ckpt = ckpt_lib.Checkpointer(args.workdir, keep=config.train.keep_checkpoints)
     try:
-        state, step = ckpt.restore(train._with_shardings(abstract, shardings))
-    finally:
-        ckpt.close()
-    if state is None:
-        raise SystemExit(f"generate: no checkpoint in {args.workdir}/checkpoints")
+        graphdef, state, step = train.load_state(config, os.path.abspath(args.workdir))
+    except ckpt_lib.RunError as e:
+        raise SystemExit(f"generate: {e}") from None
     model = train.merge_model(graphdef, state)
     ids = _encode_prompt(task, args.prompt)
     kw = {}

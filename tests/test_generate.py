@@ -3,6 +3,11 @@
 steps, ragged prompts, EOS handling, and the sampling filters (top-k, top-p, temperature).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +116,19 @@ def test_sampled_generation_is_seeded():
     a, _ = gen.generate(model, prompt, rng=jax.random.key(3), **kw)
     b, _ = gen.generate(model, prompt, rng=jax.random.key(3), **kw)
     np.testing.assert_array_equal(a, b)
+
+
+def test_generate_cli_restores_a_trained_run(tmp_path):
+    """`./launch.sh generate` end to end: the driver trains a smoke decoder, the CLI samples."""
+    root = Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    train_cmd = [sys.executable, "-m", "experiments.main", "--mode", "train"]
+    train_cmd += ["--config", "configs/algorithmic.py:smoke=true", "--workdir", str(workdir)]
+    subprocess.run(train_cmd, cwd=root, env=env, check=True, capture_output=True)
+    gen_cmd = [sys.executable, "-m", "experiments.generate", "--workdir", str(workdir)]
+    gen_cmd += ["--prompt", "1 2 3", "--max_new_tokens", "5"]
+    out = subprocess.run(gen_cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "# step 3," in out.stdout
+    assert "1 2 3 -> " in out.stdout
