@@ -149,7 +149,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(runs: Sequence[Run], metric: str | None = None) -> list[Row]:
-    """Rows grouped by (task, variant); tasks in name order, variants best OOD first."""
+    """Rows grouped by (task, variant); tasks in name order, variants best OOD first (ties:
+    best ID first)."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.task, run.variant), []).append(run)
@@ -178,11 +179,23 @@ def summarize(runs: Sequence[Run], metric: str | None = None) -> list[Row]:
         rows.append(row)
 
     def order(row: Row):
-        score = row.ood_mean if row.ood_mean is not None else row.id_mean
-        score = -math.inf if score is None else score
-        return (row.task, score if lower_is_better(row.metric) else -score, row.variant)
+        sign = 1.0 if lower_is_better(row.metric) else -1.0
+        in_dist = -math.inf if row.id_mean is None else row.id_mean
+        return (row.task, sign * _score(row), sign * in_dist, row.variant)
 
     return sorted(rows, key=order)
+
+
+def _score(row: Row) -> float:
+    """What ranks variants: the OOD mean (the ID mean when nothing was tested beyond)."""
+    score = row.ood_mean if row.ood_mean is not None else row.id_mean
+    if score is None:
+        return math.inf if lower_is_better(row.metric) else -math.inf
+    return score
+
+
+def _better(a: float, b: float, metric: str) -> bool:
+    return a < b if lower_is_better(metric) else a > b
 
 
 def best_per_task(rows: Sequence[Row]) -> dict[str, Row]:
@@ -194,12 +207,16 @@ def best_per_task(rows: Sequence[Row]) -> dict[str, Row]:
 
 
 def mean_reciprocal_rank(rows: Sequence[Row]) -> list[tuple[str, float, int]]:
-    """(variant, MRR, tasks) best first: per task, variants ranked by OOD mean (ID if no OOD),
-    1/rank averaged over the tasks a variant was run on (Kazemnejad et al. 2023's aggregate)."""
+    """(variant, MRR, tasks) best first: per task, variants ranked by OOD mean (ID if no OOD;
+    tied scores share a rank), 1/rank averaged over the tasks a variant was run on
+    (Kazemnejad et al. 2023's aggregate)."""
     reciprocal: dict[str, list[float]] = {}
     for task in dict.fromkeys(r.task for r in rows):
-        ranked = [r for r in rows if r.task == task]  # summarize() sorts best first
-        for rank, row in enumerate(ranked, start=1):
+        task_rows = [r for r in rows if r.task == task]
+        scores = [_score(r) for r in task_rows]
+        for row, score in zip(task_rows, scores, strict=True):
+            # Ties share the best rank among them: equal scores are not a ranking.
+            rank = 1 + sum(_better(other, score, row.metric) for other in scores)
             reciprocal.setdefault(row.variant, []).append(1.0 / rank)
     table = [(v, float(np.mean(rr)), len(rr)) for v, rr in reciprocal.items()]
     return sorted(table, key=lambda t: (-t[1], t[0]))

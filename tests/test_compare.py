@@ -122,6 +122,27 @@ def test_lower_is_better_metric_picks_the_minimum(runs, tmp_path):
         assert best.ood_mean <= first[task].ood_mean
 
 
+def test_tied_scores_share_a_rank(tmp_path):
+    for variant, accs in (
+        ("a", {4: 0.9, 16: 0.0}),
+        ("b", {4: 0.5, 16: 0.0}),
+        ("c", {4: 1.0, 16: 0.2}),
+    ):
+        _write_run(tmp_path / variant, task="t", variant=variant, seed=0, acc_by_length=accs)
+    for variant, accs in (
+        ("a", {4: 0.9, 16: 0.3}),
+        ("b", {4: 0.5, 16: 0.1}),
+        ("c", {4: 1.0, 16: 0.2}),
+    ):
+        _write_run(tmp_path / f"u{variant}", task="u", variant=variant, seed=0, acc_by_length=accs)
+    rows = compare.compare([tmp_path], tmp_path / "r")["rows"]
+    assert [r.variant for r in rows if r.task == "t"] == ["c", "a", "b"]  # tie: better ID first
+    mrr = {v: m for v, m, _ in compare.mean_reciprocal_rank(rows)}
+    assert mrr == pytest.approx(
+        {"a": (1 / 2 + 1) / 2, "b": (1 / 2 + 1 / 3) / 2, "c": (1 + 1 / 2) / 2}
+    )
+
+
 def test_single_run_has_no_std_and_missing_runs_fail_cleanly(tmp_path, capsys):
     _write_run(
         tmp_path / "one", task="copy", variant="none", seed=0, acc_by_length={4: 1.0, 16: 0.25}
