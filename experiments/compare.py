@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -342,6 +343,9 @@ def plot_length_curves(rows: Sequence[Row], path: str | Path) -> Path:
         ax.set_xticks(all_lengths, [str(n) for n in all_lengths], fontsize=7)
         if metric in {"ppl", "bpc", "bpb"}:
             ax.set_yscale("log")
+            # Plain numbers on the ticks: a perplexity axis spans less than a decade.
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_title(task)
         ax.set_xlabel("evaluation length")
         ax.set_ylabel(metric)
