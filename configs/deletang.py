@@ -32,8 +32,9 @@ protocol's (s and 3e-4; MINI's with mini=true).
   ./launch.sh compare runs/deletang_mini --out reports/deletang_mini
 
 Expected wall time: full, 1M steps per run, is an accelerator job (about 5,400 x the GPU time
-of one run; seeds of a shape train together under jax.vmap, `sweep_vmap_seeds`). Mini: see
-MINI below, about 30 minutes on 2 CPU cores (measured: RESULTS.md).
+of one run; seeds of a shape train together under jax.vmap, `sweep_vmap_seeds`). Mini (MINI
+below, 24 runs per seed): 9 minutes per seed with 2 runs at once on 2 heavily shared CPU
+cores (measured, RESULTS.md); `seeds=3` in the arg runs 3 seeds.
 Expected result (papers, full protocol, best over seeds and learning rates): mean accuracy over
 the 15 tasks rises by about 12 points with randomized positions (Ruoss et al.); e.g. the plain
 Transformer reaches 62 % on reverse_string and chance-level on parity_check (Deletang et al.).
@@ -67,7 +68,7 @@ LEARNING_RATES = (1e-4, 3e-4, 5e-4)
 SEEDS = tuple(range(10))
 EVAL_LENGTHS = (20, 40, 41, 50, 60, 80, 100, 150, 200, 300, 400, 500)
 
-# The reduced protocol, sized for about 15-30 minutes on 2 shared CPU cores: two context-sensitive
+# The reduced protocol, about 10 minutes per seed on 2 shared CPU cores: two context-sensitive
 # tasks a small encoder fits within a minute (bucket_sort, reverse_string), training lengths
 # n <= 8 (one padded shape) tested up to 4x, a 2-layer width-32 encoder (size xs), 1,000
 # steps, one learning rate and one seed; randomized positions drawn from {0..127} (4x the

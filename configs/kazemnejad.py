@@ -27,11 +27,12 @@ protocol's (l and 1e-4; MINI's with mini=true).
   ./launch.sh compare runs/kazemnejad_mini --out reports/kazemnejad_mini --metric seq_acc
 
 Expected wall time: full, an accelerator job (105 runs of 40k steps of a ~100M model; seeds of
-a shape train together under jax.vmap). Mini: about 30 minutes on 2 CPU cores (measured:
-RESULTS.md). Expected result (paper, full protocol): NoPE > T5 > ALiBi > RoPE > sinusoidal by
-mean reciprocal rank; all encodings fit the training lengths and degrade beyond them. The
-authors' own 3-layer width-64 models failed even in distribution, so the mini protocol (a tiny
-model trained for minutes) tests the pipeline and the easy tasks, not the ranking.
+a shape train together under jax.vmap). Mini (MINI below, 10 runs per seed): under 4 minutes
+per seed with 2 runs at once on 2 shared CPU cores (measured, RESULTS.md); `seeds=3` runs 3
+seeds. Expected result (paper, full protocol): NoPE > T5 > ALiBi > RoPE > sinusoidal by mean
+reciprocal rank; all encodings fit the training lengths and degrade beyond them. The authors'
+own 3-layer width-64 models failed even in distribution, so the mini protocol (a tiny model
+trained for minutes) tests the pipeline and the easy tasks, not the ranking.
 """
 
 from configs import algorithmic
@@ -41,7 +42,7 @@ TASKS = ("copy", "reverse", "sort", "addition", "summation", "parity", "polynomi
 ENCODINGS = ("none", "t5", "alibi", "rope", "sinusoidal")
 SEEDS = (0, 1, 2)
 
-# The reduced protocol, sized for about 10-20 minutes on 2 shared CPU cores: copy and reverse,
+# The reduced protocol, about 4 minutes per seed on 2 shared CPU cores: copy and reverse,
 # training lengths n <= 8 tested up to 2x, a 2-layer width-32 decoder (size xs), 1,500 steps,
 # one seed.
 MINI = {

@@ -79,7 +79,7 @@ evaluating {len(points)} runs, {parallel} at once).
 next:
   attention maps of one run at length 32:
     ./launch.sh compare {args.workdir} --out {args.out} --attention '{example}' --length 32
-  a reduced paper reproduction (about 30 min on 2 cores; see RESULTS.md):
+  a reduced paper reproduction (about 10 min on 2 cores; see RESULTS.md):
     ./launch.sh sweep --config configs/deletang.py:mini=true --workdir runs/deletang_mini \\
         --parallel 2 && ./launch.sh compare runs/deletang_mini --out reports/deletang_mini
   one run of your own:
