@@ -325,6 +325,10 @@ def plot_length_curves(rows: Sequence[Row], path: str | Path) -> Path:
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
     for ax in axes.flat[len(tasks) :]:
         ax.set_visible(False)
+    # One colour per variant in every panel; past 10 variants tab10 would repeat colours.
+    variants = sorted({r.variant for r in rows})
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    color = {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
     for ax, task in zip(axes.flat, tasks, strict=False):
         task_rows = [r for r in rows if r.task == task]
         metric = task_rows[0].metric
@@ -332,9 +336,10 @@ def plot_length_curves(rows: Sequence[Row], path: str | Path) -> Path:
             lengths = sorted(r.per_length)
             mean = np.array([r.per_length[n][0] for n in lengths])
             std = np.array([r.per_length[n][1] or 0.0 for n in lengths])
-            (line,) = ax.plot(lengths, mean, marker="o", ms=3, label=f"{r.variant} (n={r.n})")
+            c = color[r.variant]
+            ax.plot(lengths, mean, marker="o", ms=3, color=c, label=f"{r.variant} (n={r.n})")
             if r.n > 1:
-                ax.fill_between(lengths, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+                ax.fill_between(lengths, mean - std, mean + std, color=c, alpha=0.15)
         train_len = max(r.train_max_length for r in task_rows)
         ax.axvline(train_len, color="k", ls="--", lw=1, label=f"train length {train_len}")
         all_lengths = sorted({n for r in task_rows for n in r.per_length})
