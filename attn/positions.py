@@ -18,7 +18,7 @@ a config combination (pe=rope, positions=randomized) rather than a new class.
   Interpolation", arXiv 2306.15595), where factor = train length / eval length < 1 squeezes
   long inputs into the trained range.
 
-Interface (INTERFACES.md): `cls(cfg)`, `sampler(batch_size, length, *, train, rng) -> pos_BL`,
+Interface (README "Interfaces"): `cls(cfg)`, `sampler(batch_size, length, *, train, rng) -> pos_BL`,
 `sampler.max_position(length) -> int`. Padding is on the right, so the positions of real
 tokens do not depend on how much padding follows.
 """

@@ -1,4 +1,4 @@
-"""Base config: the full locked schema (INTERFACES.md "Config") every experiment starts from.
+"""Base config: the full locked schema (README "Interfaces") every experiment starts from.
 
 The family configs (formal.py, algorithmic.py, lm.py, seq2seq.py) call `build(...)` with their
 own defaults; this file also runs on its own:

@@ -3,7 +3,7 @@
 - `parse_arg("task=reverse_string,pe=rope", allowed)`: the `k=v,k=v` structural argument of a
   config file (`--config configs/formal.py:task=reverse_string,pe=rope`), unknown keys rejected.
 - `block(registry_module, name, field, **overrides)`: a `{"name": name, **DEFAULTS}` config block
-  for one registry entry (INTERFACES.md), failing with ConfigError on an unknown name.
+  for one registry entry (README "Interfaces"), failing with ConfigError on an unknown name.
 - `load_json` / `to_json`: the `workdir/config.json` round trip (locked ConfigDict).
 - `describe_error(exc, argv)`: any failure of flag/config parsing -> one user-facing line and the
   exit status (2: bad configuration), so that `experiments/main.py` never prints a traceback.

@@ -15,7 +15,7 @@ is on by default, see train.setup_compilation_cache). The attention implementati
 model's `impl` ("auto" picks the chunked kernel where L x S would not fit).
 
 Outputs: one metrics.jsonl row per length {"step", "split": "eval", "length", ...} and
-workdir/results.json (INTERFACES.md "Run outputs"), written atomically, whose summary holds
+workdir/results.json (README "Run outputs"), written atomically, whose summary holds
 the task metric's mean over in-distribution lengths (<= longest training length) and
 out-of-distribution lengths.
 

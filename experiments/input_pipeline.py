@@ -1,4 +1,4 @@
-"""Training and evaluation batches in the three layouts of INTERFACES.md.
+"""Training and evaluation batches in the three layouts of the README ("Interfaces").
 
 Layouts (all numpy, batch-major, pad id 0 on the right, T padded to `bucket_length`):
   "encoder"  (Deletang et al. 2023 transduction): inputs = task input + |y| BLANKs; targets

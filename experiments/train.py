@@ -8,7 +8,7 @@ per batch shape with the train state donated -> orbax checkpoints (experiments/c
 workdir/results.json, workdir/DONE. Protocol defaults follow Deletang et al. 2023
 (arXiv 2207.02098): Adam, gradient clipping 1.0, one nominal length per batch.
 
-Public pieces (INTERFACES.md; reused by sweep, seeds, bench and reliability):
+Public pieces (README "Interfaces"; reused by sweep, seeds, bench and reliability):
 
 - `run(config, workdir, *, eval_lengths=None) -> dict`: the whole run. Resumes from the latest
   good checkpoint; returns the results dict of the final evaluation, or

@@ -1,7 +1,7 @@
 """Base class of every positional encoding (PE), with its three hooks identity by default.
 
 A PE acts through up to three hooks that attention layers call unconditionally
-(DESIGN.md section 3, INTERFACES.md):
+(DESIGN.md section 3; README "Interfaces"):
 - `embed(x_BLD, pos_BL) -> x_BLD` for absolute encodings added to the token embeddings;
 - `rotate(q_BLHK, k_BSGK, qpos_BL, kpos_BS) -> (q, k)` for the rotary family;
 - `bias(qpos_BL, kpos_BS, q_BLHK=None, k_BSGK=None) -> array broadcastable to BHLS, or None`
@@ -9,7 +9,7 @@ A PE acts through up to three hooks that attention layers call unconditionally
   positions, not indices; the attention layer wraps it into the per-block callable.
 
 Positions may be int32 (identity, randomized samplers) or float32 (interpolated sampler);
-every encoding accepts both. Parameters carry logical axis names from INTERFACES.md
+every encoding accepts both. Parameters carry logical axis names from attn.sharding.RULES
 ("heads", "head_dim", ...) as `out_sharding` metadata; they are created with
 `eager_sharding=False` so a PE builds with or without a mesh, and attn.sharding maps the
 names to mesh axes when the model state is placed.

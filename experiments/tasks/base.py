@@ -2,7 +2,7 @@
 
 A task maps a nominal length n to batches of (input, output, output_mask) in *task-symbol
 space* (0..alphabet_size-1); `experiments.input_pipeline` shifts them by NUM_SPECIAL and lays
-them out for the encoder / decoder / seq2seq batch formats of INTERFACES.md.
+them out for the encoder / decoder / seq2seq batch formats of the README ("Interfaces").
 
 Determinism: `example(seed, index, length)` draws from
 `np.random.default_rng([seed, index, length, task_id, EXAMPLE_STREAM])`, so the same
