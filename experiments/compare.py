@@ -423,15 +423,10 @@ def run_attention(run_dir: str | Path, length: int) -> tuple[dict[int, np.ndarra
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"--attention: {run_dir} is not a run directory (no config.json)")
     config = config_utils.load_json(str(run_dir / "config.json"))
-    mesh = train.make_mesh(config)
-    graphdef, _, abstract, shardings = train._init_fn(config, mesh, train.make_optimizer(config))
-    ckpt = checkpoint.Checkpointer(run_dir, keep=config.train.keep_checkpoints)
     try:
-        state, _ = ckpt.restore(train._with_shardings(abstract, shardings))
-    finally:
-        ckpt.close()
-    if state is None:
-        raise FileNotFoundError(f"--attention: no checkpoint in {run_dir}/checkpoints")
+        graphdef, state, _ = train.load_state(config, str(run_dir))
+    except checkpoint.RunError as e:
+        raise FileNotFoundError(f"--attention: {e}") from None
     model = train.merge_model(graphdef, state)
     task = tasks.build(config.task)
     layout = attn.models.batch_format(config.model.name, config.model)

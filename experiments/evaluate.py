@@ -145,7 +145,7 @@ def summarize(per_length: dict, *, train_max_length: int, metric: str) -> dict:
 def evaluate_and_write(config, workdir, model, *, mesh, step: int, lengths=None) -> dict:
     """evaluate_model at the eval grid, then workdir/results.json (process 0)."""
     lengths = train.resolve_eval_lengths(config, lengths)
-    logger = train._Logger(workdir)
+    logger = train.MetricsLogger(workdir)
     try:
         per_length = evaluate_model(
             config, model, mesh=mesh, step=step, lengths=lengths, log_row=logger.row

@@ -204,7 +204,7 @@ def _train(configs, workdirs, state, start, graphdef, tx, mesh, ckpts, stop):
     task = tasks.build(config.task)
     layout = attn.models.batch_format(config.model.name, config.model)
     schedule = train.make_schedule(config)
-    loggers = [train._Logger(wd) for wd in workdirs]
+    loggers = [train.MetricsLogger(wd) for wd in workdirs]
     step_fn = make_vmapped_step(config, graphdef, tx)
     sharding = NamedSharding(mesh, P(None, "data"))
     streams = [

@@ -540,7 +540,7 @@ def setup_compilation_cache(config, workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-class _Logger:
+class MetricsLogger:
     """metrics.jsonl rows, TensorBoard scalars and the console, on process 0 only."""
 
     def __init__(self, workdir: str, total_steps: int | None = None, start_step: int = 0):
@@ -698,7 +698,7 @@ def _train(
 
     t = config.train
     total = t.steps
-    logger = _Logger(workdir, total, start)
+    logger = MetricsLogger(workdir, total, start)
     step_fn = make_train_step(config, graphdef, tx)
     compiled: dict = {}
     batches = input_pipeline.train_batches(
