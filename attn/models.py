@@ -209,16 +209,18 @@ class TransformerBase(nnx.Module):
         self.position_rng = rngs["positions"].fork()
         self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
 
-    def positions(self, batch_size: int, length: int, *, train: bool):
+    def positions(self, batch_size: int, length: int, *, train: bool, mask_BL=None):
         """Positions from the sampler; the rng stream advances only in training, so an
         evaluation call mutates nothing (plain jax.jit / grad over a closed-over model work).
+        `mask_BL` (right padding) tells the sampler how many tokens of each row are real.
         """
         stream = self.position_rng
         if train:
             rng = stream()
         else:
             rng = jax.random.fold_in(stream.key[...], stream.count[...])
-        return self.sampler(batch_size, length, train=train, rng=rng)
+        valid_B = None if mask_BL is None else jnp.sum(mask_BL, axis=-1, dtype=jnp.int32)
+        return self.sampler(batch_size, length, train=train, rng=rng, valid_B=valid_B)
 
     def _embed(self, tokens, pos, train):
         x = self.pe.embed(self.embedder.embed(tokens), pos)
@@ -270,7 +272,7 @@ class Encoder(TransformerBase):
     def __call__(self, batch, *, train: bool, return_attention=()):
         tokens = batch["inputs"]
         mask = _token_mask(batch)
-        pos = self.positions(*tokens.shape, train=train)
+        pos = self.positions(*tokens.shape, train=train, mask_BL=mask)
         x, maps = self.stack(
             self._embed(tokens, pos, train),
             pos=pos,
@@ -296,7 +298,7 @@ class Decoder(TransformerBase):
     def __call__(self, batch, *, train: bool, return_attention=()):
         tokens = batch["inputs"]
         mask = _token_mask(batch)
-        pos = self.positions(*tokens.shape, train=train)
+        pos = self.positions(*tokens.shape, train=train, mask_BL=mask)
         x, maps = self.stack(
             self._embed(tokens, pos, train),
             pos=pos,
@@ -336,7 +338,7 @@ class EncoderDecoder(TransformerBase):
         self.decoder = Stack(self.cfg, causal=True, cross=True, rngs=rngs)
 
     def encode(self, src, src_mask, *, train, return_attention=()):
-        pos = self.positions(*src.shape, train=train)
+        pos = self.positions(*src.shape, train=train, mask_BL=src_mask)
         x, maps = self.encoder(
             self._embed(src, pos, train),
             pos=pos,
@@ -356,11 +358,12 @@ class EncoderDecoder(TransformerBase):
             return_attention=return_attention,
         )
         tokens = batch["inputs"]
-        pos = self.positions(*tokens.shape, train=train)
+        mask = _token_mask(batch)
+        pos = self.positions(*tokens.shape, train=train, mask_BL=mask)
         x, dec_maps = self.decoder(
             self._embed(tokens, pos, train),
             pos=pos,
-            mask=_token_mask(batch),
+            mask=mask,
             pe=self.pe,
             memory=memory,
             train=train,

@@ -53,8 +53,15 @@ class Sampler:
         self.cfg = _resolve(self.DEFAULTS, cfg, "positions")
 
     def __call__(
-        self, batch_size: int, length: int, *, train: bool, rng: jax.Array | None = None
+        self,
+        batch_size: int,
+        length: int,
+        *,
+        train: bool,
+        rng: jax.Array | None = None,
+        valid_B: jax.Array | None = None,
     ) -> jax.Array:
+        """pos_BL. `valid_B`: real tokens per row (right padding); None means all `length`."""
         raise NotImplementedError
 
     def max_position(self, length: int) -> int:
@@ -68,19 +75,27 @@ def _identity(batch_size: int, length: int) -> jax.Array:
 class Identity(Sampler):
     """Positions 0..L-1 for every sequence."""
 
-    def __call__(self, batch_size, length, *, train, rng=None):
-        del train, rng
+    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None):
+        del train, rng, valid_B
         return _identity(batch_size, length)
 
     def max_position(self, length: int) -> int:
         return length - 1
 
 
-def sorted_subset(rng: jax.Array, length: int, max_len: int) -> jax.Array:
-    """A uniformly random subset of `length` distinct ints from [0, max_len), ascending."""
-    # The top-k of iid uniform keys is a uniform random subset without replacement.
+def sorted_subset(rng: jax.Array, length: int, max_len: int, count=None) -> jax.Array:
+    """A uniformly random subset of `count` (default `length`) distinct ints from
+    [0, max_len), ascending, in the first `count` of `length` slots; the slots after them
+    (padding) hold max_len - 1. `count` may be traced.
+    """
+    # The top-k of iid uniform keys is a uniform random subset without replacement, and so
+    # are the `count` largest of them. Drawing `length` positions for a row of `count` real
+    # tokens and keeping the smallest `count` would instead crowd them towards 0.
     _, idx = jax.lax.top_k(jax.random.uniform(rng, (max_len,)), length)
-    return jnp.sort(idx).astype(jnp.int32)
+    if count is None:
+        return jnp.sort(idx).astype(jnp.int32)
+    idx = jnp.sort(jnp.where(jnp.arange(length) < count, idx, max_len))
+    return jnp.minimum(idx, max_len - 1).astype(jnp.int32)
 
 
 class Randomized(Sampler):
@@ -95,7 +110,7 @@ class Randomized(Sampler):
     def _active(self, train: bool) -> bool:
         return train or self.cfg["at_eval"]
 
-    def __call__(self, batch_size, length, *, train, rng=None):
+    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None):
         if not self._active(train):
             return _identity(batch_size, length)
         max_len = self.cfg["max_len"]
@@ -108,8 +123,11 @@ class Randomized(Sampler):
             raise ValueError("randomized positions need an rng (the 'positions' stream)")
         if self.cfg["per_sequence"]:
             keys = jax.random.split(rng, batch_size)
-            return jax.vmap(lambda key: sorted_subset(key, length, max_len))(keys)
-        return jnp.broadcast_to(sorted_subset(rng, length, max_len), (batch_size, length))
+            counts = jnp.full((batch_size,), length) if valid_B is None else valid_B
+            return jax.vmap(lambda key, n: sorted_subset(key, length, max_len, n))(keys, counts)
+        # One vector per batch (Ruoss et al.'s code): sized for the longest real row.
+        count = None if valid_B is None else jnp.max(valid_B)
+        return jnp.broadcast_to(sorted_subset(rng, length, max_len, count), (batch_size, length))
 
     def max_position(self, length: int) -> int:
         """max_len - 1 whenever the sampler can be active for this length, else length - 1."""
@@ -131,8 +149,8 @@ class Interpolated(Sampler):
         super().__init__(cfg)
         require(self.cfg["factor"] > 0, "positions.factor", "must be > 0")
 
-    def __call__(self, batch_size, length, *, train, rng=None):
-        del train, rng
+    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None):
+        del train, rng, valid_B
         pos = jnp.arange(length, dtype=jnp.float32) * jnp.float32(self.cfg["factor"])
         return jnp.broadcast_to(pos, (batch_size, length))
 

@@ -102,3 +102,20 @@ def test_config_errors():
         attn.positions.build({"name": "shuffled"})
     with pytest.raises(ConfigError, match=r"^positions.factor: must be > 0$"):
         build("interpolated", factor=0.0)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_randomized_draws_exactly_the_real_tokens_of_a_padded_row(per_sequence):
+    """A row of 3 real tokens padded to 12 gets a uniform 3-subset of [0, 16), not the 3
+    smallest of a 12-subset: E[largest] = 3 * 17 / 4 - 1 = 11.75 (the padded draw gives ~2.9).
+    """
+    sampler = attn.positions.Randomized({"max_len": 16, "per_sequence": per_sequence})
+    draw = jax.jit(lambda key: sampler(2, 12, train=True, rng=key, valid_B=jnp.array([3, 3])))
+    pos = np.stack([np.asarray(draw(k)) for k in jax.random.split(jax.random.key(0), 400)])
+    real = pos[:, :, :3]
+    assert (np.diff(real, axis=-1) > 0).all() and real.min() >= 0 and real.max() < 16
+    np.testing.assert_allclose(real.max(-1).mean(), 11.75, atol=0.3)
+    assert (pos[:, :, 3:] == 15).all()
+    full = sampler(2, 12, train=True, rng=jax.random.key(1))
+    same = sampler(2, 12, train=True, rng=jax.random.key(1), valid_B=jnp.array([12, 12]))
+    np.testing.assert_array_equal(full, same)
