@@ -260,14 +260,12 @@ def _result(logits, maps, return_attention):
     return (logits, maps) if return_attention else logits
 
 
-class Encoder(TransformerBase):
-    """Bidirectional Transformer encoder for transduction (Deletang layout)."""
-
-    FORMAT = "encoder"
+class SingleStack(TransformerBase):
+    """One stack of self-attention blocks over `inputs`; CAUSAL says which way it looks."""
 
     def __init__(self, cfg, *, vocab_size, rngs):
         super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
-        self.stack = Stack(self.cfg, causal=False, cross=False, rngs=rngs)
+        self.stack = Stack(self.cfg, causal=self.CAUSAL, cross=False, rngs=rngs)
 
     def __call__(self, batch, *, train: bool, return_attention=()):
         tokens = batch["inputs"]
@@ -284,30 +282,18 @@ class Encoder(TransformerBase):
         return _result(self.embedder.logits(x), maps, return_attention)
 
 
-class Decoder(TransformerBase):
+class Encoder(SingleStack):
+    """Bidirectional Transformer encoder for transduction (Deletang layout)."""
+
+    FORMAT = "encoder"
+
+
+class Decoder(SingleStack):
     """Causal decoder-only Transformer LM."""
 
     FORMAT = "decoder"
     CAUSAL = True
     DEFAULTS = {**TRANSFORMER_DEFAULTS, "norm": "pre", "dropout": 0.0}
-
-    def __init__(self, cfg, *, vocab_size, rngs):
-        super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
-        self.stack = Stack(self.cfg, causal=True, cross=False, rngs=rngs)
-
-    def __call__(self, batch, *, train: bool, return_attention=()):
-        tokens = batch["inputs"]
-        mask = _token_mask(batch)
-        pos = self.positions(*tokens.shape, train=train, mask_BL=mask)
-        x, maps = self.stack(
-            self._embed(tokens, pos, train),
-            pos=pos,
-            mask=mask,
-            pe=self.pe,
-            train=train,
-            return_attention=tuple(return_attention),
-        )
-        return _result(self.embedder.logits(x), maps, return_attention)
 
     def init_cache(self, batch_size: int, max_length: int):
         dtype = self.embedder.dtype
