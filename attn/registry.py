@@ -11,7 +11,7 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A configuration value that is not allowed. The message is one line: field, problem, allowed."""
+    """A configuration value that is not allowed; one-line message: field, problem, allowed."""
 
 
 def lookup(registry: Mapping[str, Any], name: str, field: str) -> Any:
