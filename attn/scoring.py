@@ -24,7 +24,7 @@ from attn import attention
 from attn.registry import ConfigError, lookup, require
 
 # Implementations that a materialising scorer accepts (they all mean "compute it here").
-MATERIALISED_IMPLS = ("auto", "reference", "xla")
+MATERIALISED_IMPLS = ("auto", "reference", "dense", "xla")
 
 
 class Scorer(nnx.Module):

@@ -149,7 +149,7 @@ def test_impls_match_reference(case):
         bias = _table_bias(H, L, S)[1]
     args = (q, k, v, bias)
     (_, want), want_grads = _loss_and_grads("reference", causal, window, mask, bias_kind)(*args)
-    for impl in ("chunked", "xla"):
+    for impl in ("chunked", "dense", "xla"):
         # Blocks of 4 x 3 make several blocks with ragged ends in every case.
         (_, got), grads = _loss_and_grads(
             impl, causal, window, mask, bias_kind, block_q=4, block_k=3
@@ -166,7 +166,7 @@ def test_bf16_inputs_close_to_float32_reference():
     q, k, v = _qkv(3, L=9, S=9)
     want = attention.dot_product_attention(q, k, v, causal=True, impl="reference")
     qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    for impl in ("chunked", "xla"):
+    for impl in ("chunked", "dense", "xla"):
 
         def loss(q, k, v, impl=impl):
             out = attention.dot_product_attention(q, k, v, causal=True, impl=impl)
@@ -232,7 +232,7 @@ def test_chunked_block_skipping_and_partial_blocks_match_the_mask(L, S, bq, bk, 
                 assert block.all(), (i, j)  # unmasked blocks are fully visible
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "dense", "xla"])
 def test_causality_by_gradient(impl):
     B, L, S = 1, 4, 7
     q, k, v = _qkv(5, B=B, L=L, S=S)
@@ -294,16 +294,16 @@ def test_bad_shapes_raise():
 
 def test_auto_choice():
     small = dict(dtype=jnp.float32, backend="cpu")
-    assert attention.choose_impl((2, 128, 8, 64), (2, 128, 8, 64), **small) == "xla"
+    assert attention.choose_impl((2, 128, 8, 64), (2, 128, 8, 64), **small) == "dense"
     # 1 x 8 x 16k x 16k float32 logits = 8 GiB: chunked.
     assert attention.choose_impl((1, 16384, 8, 64), (1, 16384, 8, 64), **small) == "chunked"
     assert (
         attention.choose_impl((1, 4096, 8, 64), (1, 4096, 8, 64), causal=True, **small) == "chunked"
     )
-    assert attention.choose_impl((1, 1, 8, 64), (1, 4096, 8, 64), causal=True, **small) == "xla"
+    assert attention.choose_impl((1, 1, 8, 64), (1, 4096, 8, 64), causal=True, **small) == "dense"
     gpu = dict(dtype=jnp.bfloat16, backend="gpu")
     assert attention.choose_impl((1, 4096, 8, 64), (1, 4096, 8, 64), **gpu) == "cudnn"
-    assert attention.choose_impl((1, 64, 8, 12), (1, 64, 8, 12), **gpu) == "xla"
+    assert attention.choose_impl((1, 64, 8, 12), (1, 64, 8, 12), **gpu) == "dense"
     # A bias callable would be materialised for cuDNN: too big at 16k, so chunked.
     long = ((1, 16384, 8, 64), (1, 16384, 8, 64))
     assert attention.choose_impl(*long, callable_bias=True, **gpu) == "chunked"
@@ -323,4 +323,4 @@ def test_auto_runs_and_logs_once(caplog):
 
 
 def test_impls_listed():
-    assert set(attention.IMPLS) == {"reference", "chunked", "xla", "cudnn", "auto"}
+    assert set(attention.IMPLS) == {"reference", "chunked", "dense", "xla", "cudnn", "auto"}
