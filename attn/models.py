@@ -46,6 +46,7 @@ TRANSFORMER_DEFAULTS = {
     "mlp": "relu",
     "norm": "post",
     "dropout": 0.1,
+    "dropout_rng": "hash",  # dropout masks: "hash" (fast) or "threefry" (nnx.Dropout)
     "tied_embeddings": False,
     "embed_scale": True,
     "init_std": 0.02,
@@ -82,9 +83,7 @@ def validate_transformer(cfg: Mapping[str, Any], *, max_length: int | None = Non
         "model.impl",
         f"unknown {cfg['impl']!r}; valid: {', '.join(attn.attention.IMPLS)}",
     )
-    require(
-        0.0 <= cfg["dropout"] < 1.0, "model.dropout", f"must be in [0, 1), got {cfg['dropout']}"
-    )
+    layers.check_dropout(cfg)
     pe_cls = lookup(attn.pe.REGISTRY, cfg["pe"]["name"], "model.pe.name")
     sampler = lookup(attn.positions.REGISTRY, cfg["positions"]["name"], "model.positions.name")(
         cfg["positions"]
@@ -207,7 +206,7 @@ class TransformerBase(nnx.Module):
             cfg["positions"]
         )
         self.position_rng = rngs["positions"].fork()
-        self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
+        self.dropout = layers.Dropout(cfg["dropout"], rng=cfg["dropout_rng"], rngs=rngs)
 
     def positions(self, batch_size: int, length: int, *, train: bool, mask_BL=None):
         """Positions from the sampler; the rng stream advances only in training, so an

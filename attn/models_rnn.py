@@ -29,6 +29,7 @@ RNN_DEFAULTS = {
     "d_model": 64,
     "rnn": {"cell": "lstm", "hidden": 128},
     "dropout": 0.0,
+    "dropout_rng": "hash",  # dropout masks: "hash" (fast) or "threefry" (nnx.Dropout)
     "tied_embeddings": False,
     "embed_scale": False,
     # Unit-variance embeddings (as torch.nn.Embedding, flax Embed): with 0.02 the LSTM's
@@ -72,9 +73,7 @@ def validate_rnn(cfg, *, max_length=None) -> None:
     lookup(layers.DTYPES, cfg["dtype"], "model.dtype")
     require(cfg["num_layers"] >= 1, "model.num_layers", f"must be >= 1, got {cfg['num_layers']}")
     require(cfg["rnn"]["hidden"] >= 1, "model.rnn.hidden", "must be >= 1")
-    require(
-        0.0 <= cfg["dropout"] < 1.0, "model.dropout", f"must be in [0, 1), got {cfg['dropout']}"
-    )
+    layers.check_dropout(cfg)
 
 
 class RNNSeq2Seq(nnx.Module):
@@ -94,7 +93,7 @@ class RNNSeq2Seq(nnx.Module):
         self.cfg = cfg
         d, hidden = cfg["d_model"], cfg["rnn"]["hidden"]
         self.embedder = layers.Embedder(cfg, vocab_size=vocab_size, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
+        self.dropout = layers.Dropout(cfg["dropout"], rng=cfg["dropout_rng"], rngs=rngs)
         self.encoder_cells = nnx.List(
             [make_cell(cfg, d if i == 0 else hidden, rngs) for i in range(cfg["num_layers"])]
         )

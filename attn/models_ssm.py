@@ -30,6 +30,7 @@ SSM_DEFAULTS = {
     "mlp": "gelu",
     "norm": "pre",
     "dropout": 0.0,
+    "dropout_rng": "hash",  # dropout masks: "hash" (fast) or "threefry" (nnx.Dropout)
     "tied_embeddings": False,
     "embed_scale": False,
     "init_std": 0.02,
@@ -142,11 +143,12 @@ class SSMBlock(nnx.Module):
             d_model=d,
             mlp_dim=cfg["mlp_dim"],
             dropout=cfg["dropout"],
+            dropout_rng=cfg["dropout_rng"],
             dtype=dtype,
             rngs=rngs,
         )
         self.mlp_norm = layers.LayerNorm(d, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
+        self.dropout = layers.Dropout(cfg["dropout"], rng=cfg["dropout_rng"], rngs=rngs)
 
     def _residual(self, x, norm, fn, train):
         h = x + self.dropout(fn(x if self.post else norm(x)), deterministic=not train)
@@ -187,6 +189,7 @@ def validate_ssm(cfg, *, max_length=None) -> None:
     lookup(layers.NORM_PLACEMENTS, cfg["norm"], "model.norm")
     lookup(layers.MLP_KINDS, cfg["mlp"], "model.mlp")
     lookup(layers.DTYPES, cfg["dtype"], "model.dtype")
+    layers.check_dropout(cfg)
     s = cfg["ssm"]
     require(s["state"] >= 1, "model.ssm.state", f"must be >= 1, got {s['state']}")
     require(
@@ -212,7 +215,7 @@ class SSM(nnx.Module):
         validate_ssm(cfg)
         self.cfg = cfg
         self.embedder = layers.Embedder(cfg, vocab_size=vocab_size, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg["dropout"], rngs=rngs)
+        self.dropout = layers.Dropout(cfg["dropout"], rng=cfg["dropout_rng"], rngs=rngs)
         self.blocks = nnx.List([SSMBlock(cfg, rngs=rngs) for _ in range(cfg["num_layers"])])
         self.final_norm = (
             nnx.data(None)

@@ -222,3 +222,62 @@ def test_sharding_maps_logical_names_onto_mesh():
     k = placed["stack"]["blocks"][0]["attn"]["k"]["kernel"].get_value()
     assert k.sharding.spec == PartitionSpec(None, None, None)
     assert sharding.data_sharding(mesh).spec == PartitionSpec("data")
+
+
+def _dropout_masks(rate, shape, rng="hash", calls=1, seed=0):
+    drop = layers.Dropout(rate, rng=rng, rngs=nnx.Rngs(dropout=seed))
+    fn = nnx.jit(lambda d, x: d(x, deterministic=False))
+    x = jnp.ones(shape, jnp.float32)
+    return [np.asarray(fn(drop, x)) for _ in range(calls)]
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_hash_dropout_rate_scale_and_independence(rate):
+    (out,) = _dropout_masks(rate, (64, 128, 128))
+    keep = out != 0
+    k = 1 - rate
+    sd = np.sqrt(k * (1 - k) / keep.size)
+    assert abs(keep.mean() - k) < 5 * sd
+    np.testing.assert_allclose(out[keep], 1 / k, rtol=1e-6)  # inverted dropout keeps E[x]
+    # Neighbours along each axis and far apart are kept independently: P(both) = k^2.
+    pairs = {
+        "last axis": (keep[..., 1:], keep[..., :-1]),
+        "middle axis": (keep[:, 1:], keep[:, :-1]),
+        "first axis": (keep[1:], keep[:-1]),
+        "stride 4096": (keep.reshape(-1)[4096:], keep.reshape(-1)[:-4096]),
+    }
+    for name, (a, b) in pairs.items():
+        both = (a & b).mean()
+        assert abs(both - k * k) < 6 * np.sqrt(k * k * (1 - k * k) / a.size), name
+
+
+def test_hash_dropout_masks_differ_between_calls_and_seeds():
+    k = 0.9
+    first, second = _dropout_masks(0.1, (256, 256), calls=2)
+    (other_seed,) = _dropout_masks(0.1, (256, 256), seed=1)
+    for other in (second, other_seed):
+        agree = ((first != 0) == (other != 0)).mean()
+        assert abs(agree - (k * k + (1 - k) ** 2)) < 0.01  # independent masks
+    (again,) = _dropout_masks(0.1, (256, 256))
+    np.testing.assert_array_equal(first, again)  # a pure function of the rng stream
+
+
+def test_hash_bits_is_a_bijection_of_the_index():
+    bits = np.asarray(layers.hash_bits(jax.random.key(3), (1 << 16,)))
+    assert len(np.unique(bits)) == bits.size
+    # Every output bit is close to fair.
+    ones = np.unpackbits(bits.view(np.uint8)).reshape(-1, 32).mean(axis=0)
+    assert np.all(np.abs(ones - 0.5) < 0.01)
+
+
+def test_threefry_dropout_is_nnx_dropout_and_deterministic_is_identity():
+    x = jnp.arange(1, 1 + 8 * 16, dtype=jnp.float32).reshape(8, 16)
+    ours = layers.Dropout(0.3, rng="threefry", rngs=nnx.Rngs(dropout=5))
+    theirs = nnx.Dropout(0.3, rngs=nnx.Rngs(dropout=5))
+    np.testing.assert_array_equal(ours(x, deterministic=False), theirs(x, deterministic=False))
+    np.testing.assert_array_equal(layers.Dropout(0.3, rngs=nnx.Rngs(0))(x, deterministic=True), x)
+
+
+def test_bad_dropout_rng_names_the_field():
+    with pytest.raises(ConfigError, match="model.dropout_rng: 'philox'; allowed: hash, threefry"):
+        Decoder({"dropout_rng": "philox"}, vocab_size=8, rngs=nnx.Rngs(0))
