@@ -94,6 +94,28 @@ def fan_in_init(fan_in: int):
     )
 
 
+@jax.custom_vjp
+def matmul(x_NI, w_IO):
+    """x @ w whose weight gradient is einsum("ni,no->io"): XLA's CPU backend then transposes
+    the thin input x instead of the wide output gradient (which a fused, transposed backward
+    of the activation and dropout made ~5x slower than the matmul itself)."""
+    return x_NI @ w_IO
+
+
+def _matmul_fwd(x_NI, w_IO):
+    return x_NI @ w_IO, (x_NI, w_IO)
+
+
+def _matmul_bwd(residuals, dy_NO):
+    x_NI, w_IO = residuals
+    dx = jnp.einsum("no,io->ni", dy_NO, w_IO).astype(x_NI.dtype)
+    dw = jnp.einsum("ni,no->io", x_NI, dy_NO).astype(w_IO.dtype)
+    return dx, dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nnx.Module):
     """x[..., *in_shape] -> [..., *out_shape] with a kernel of shape in_shape + out_shape."""
 
@@ -112,7 +134,11 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x):
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.num_in)
+        w = self.kernel[...].astype(self.dtype)
+        n_in = math.prod(w.shape[: self.num_in])
+        lead = x.shape[: x.ndim - self.num_in]
+        y = matmul(x.astype(self.dtype).reshape(-1, n_in), w.reshape(n_in, -1))
+        y = y.reshape(*lead, *w.shape[self.num_in :])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
