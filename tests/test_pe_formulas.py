@@ -256,6 +256,24 @@ def test_t5_float_distances_truncate():
     np.testing.assert_array_equal(got, [0, 7, 8, 18])
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_t5_integer_lookup_equals_bucket_formula(causal):
+    """The integer-position path (precomputed rows per clipped distance) is the formula."""
+    from flax import nnx
+
+    cfg = {"name": "t5", "num_buckets": 16, "max_distance": 40}
+    pe = t5.T5Bias(cfg, d_model=8, num_heads=3, head_dim=4, causal=causal, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    qpos = jnp.asarray(rng.integers(0, 200, (2, 7)), jnp.int32)
+    kpos = jnp.asarray(rng.integers(0, 200, (2, 9)), jnp.int32)
+    got = pe.bias(qpos, kpos)
+    rel = np.asarray(kpos)[:, None, :] - np.asarray(qpos)[:, :, None]
+    buckets = np.vectorize(lambda r: np_bucket(r, not causal, 16, 40))(rel)
+    want = np.moveaxis(np.asarray(pe.table[...])[buckets], -1, 1)
+    assert np.abs(rel).max() > 40  # distances past max_distance are covered
+    np.testing.assert_array_equal(got, want)
+
+
 def test_formulas_are_jittable():
     pos = jnp.arange(6)[None]
     x = jnp.ones((1, 6, 2, 8))

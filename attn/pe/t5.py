@@ -56,12 +56,24 @@ class T5Bias(PositionalEncoding):
         init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
         self.table = param(rngs, init, (self.cfg["num_buckets"], num_heads), (None, "heads"))
 
-    def bias(self, qpos_BL, kpos_BS, q_BLHK=None, k_BSGK=None):
-        bucket_BLS = relative_position_bucket(
-            relative_positions(qpos_BL, kpos_BS),
+    def bucket(self, rel):
+        return relative_position_bucket(
+            rel,
             bidirectional=not self.causal,
             num_buckets=self.cfg["num_buckets"],
             max_distance=self.cfg["max_distance"],
         )
+
+    def bias(self, qpos_BL, kpos_BS, q_BLHK=None, k_BSGK=None):
+        rel_BLS = relative_positions(qpos_BL, kpos_BS)
         table: nnx.Param = self.table
-        return jnp.moveaxis(jnp.take(table[...], bucket_BLS, axis=0), -1, 1)
+        if jnp.issubdtype(rel_BLS.dtype, jnp.integer):
+            # Every distance at or past max_distance shares the last bucket of its side, so
+            # integer distances look up 2 * max_distance + 1 precomputed rows: no log per
+            # element (w1 with T5 on CPU: the bucket arithmetic was recomputed in each layer).
+            md = self.cfg["max_distance"]
+            rows = jnp.take(table[...], self.bucket(jnp.arange(-md, md + 1)), axis=0)
+            out_BLSH = jnp.take(rows, jnp.clip(rel_BLS, -md, md) + md, axis=0)
+        else:
+            out_BLSH = jnp.take(table[...], self.bucket(rel_BLS), axis=0)
+        return jnp.moveaxis(out_BLSH, -1, 1)
