@@ -39,7 +39,7 @@ Method (DESIGN.md section 5: every claim of speed is a benchmark here, not a tim
   batch 16 (random bytes in the LM layout): steps/s, tokens/s, GFLOP/s and MFU.
 - `long`: forward (loss, no gradient) of the w2 model at 2k, 8k and 32k tokens, batch 1,
   for each attention implementation, each in a fresh subprocess: median time and peak
-  resident memory (`ru_maxrss`, the whole process), with RoPE (no bias operand). Lengths up
+  resident memory (VmHWM of the child process), with RoPE (no bias operand). Lengths up
   to 8k get one untimed warm-up call first. Materialising implementations are skipped where
   their B x H x L x S float32 logits (x3: logits, probabilities, mask/bias) would not fit in
   60 % of the machine's memory; the skip is a JSON line with the estimate.
@@ -516,6 +516,14 @@ def w2(ctx) -> None:
 
 
 def _max_rss_bytes() -> int:
+    """Peak resident memory of this process's address space (VmHWM). ru_maxrss is not used
+    where /proc exists: Linux carries the parent's high-water mark across fork and exec, so a
+    child spawned by a large benchmark process reported the parent's peak (seen: 1.38 GiB for
+    every `long` case run after w1)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

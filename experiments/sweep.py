@@ -24,7 +24,10 @@ not DONE.
 Seeds together: when the config file sets `sweep_vmap_seeds = True` (or a callable of the
 `:arg` returning it) or `--vmap_seeds` is given, points that differ only in `seed` run as
 one `python -m experiments.seeds` program that trains them under `jax.vmap` (DESIGN.md
-section 5) and writes the same per-seed workdirs.
+section 5) and writes the same per-seed workdirs. `sweep_vmap_seeds = "accelerator"` does so
+only where JAX's default backend is not the CPU (asked of a short child process, so the
+sweep itself never claims the accelerator): on the 2-core CPU 8 vmapped seeds of the Deletang
+encoder ran 0.86x as fast as 8 separate runs (README "Performance").
 
 Usage:
     python -m experiments.sweep --config configs/quickstart.py --workdir runs/quickstart \
@@ -81,6 +84,19 @@ def load_config_module(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def default_backend() -> str:
+    """JAX's default backend ("cpu", "gpu", "tpu"), from a child process: importing JAX here
+    would claim the accelerator's memory in the sweep process itself."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import jax; print(jax.default_backend())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = proc.stdout.split()
+    return lines[-1] if proc.returncode == 0 and lines else "cpu"
 
 
 def _call_with_arg(fn, arg: str | None):
@@ -412,11 +428,9 @@ def run_sweep(
         raise SweepError(f"--only: {only!r} matches no point of the grid")
     if vmap_seeds is None:
         wanted = getattr(module, "sweep_vmap_seeds", False)
-        vmap_seeds = bool(
-            _call_with_arg(wanted, split_config_spec(config_spec)[1])
-            if callable(wanted)
-            else wanted
-        )
+        if callable(wanted):
+            wanted = _call_with_arg(wanted, split_config_spec(config_spec)[1])
+        vmap_seeds = default_backend() != "cpu" if wanted == "accelerator" else bool(wanted)
     jobs = make_jobs(points, vmap_seeds=vmap_seeds, driver=driver, seeds_driver=seeds_driver)
     skipped = len(points) - sum(len(j.points) for j in jobs)
     print(

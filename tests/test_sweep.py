@@ -162,6 +162,24 @@ def test_vmap_seeds_groups_points_differing_only_in_seed(tmp_path):
     assert "--config.train.steps=5" in argv and not any("config.seed" in a for a in argv)
 
 
+@pytest.mark.parametrize("backend,programs", [("cpu", 4), ("gpu", 3)])
+def test_vmap_seeds_accelerator_groups_seeds_only_off_the_cpu(
+    stub, tmp_path, monkeypatch, capsys, backend, programs
+):
+    config, _ = stub
+    grid = tmp_path / "grid_acc.py"
+    grid.write_text(open(config).read() + '\nsweep_vmap_seeds = "accelerator"\n')
+    monkeypatch.setattr(sweep, "default_backend", lambda: backend)
+    sweep.run_sweep(str(grid), tmp_path / "runs", dry_run=True)  # copy seeds 0, 1 share one
+    assert f"4 to run as {programs} programs" in capsys.readouterr().out
+
+
+def test_default_backend_is_jaxs():
+    import jax
+
+    assert sweep.default_backend() == jax.default_backend()
+
+
 REAL_GRID = textwrap.dedent(
     """
     from configs import formal
