@@ -104,9 +104,13 @@ def masked_softmax(logits_BHLS, allowed) -> jax.Array:
     if allowed is None:
         return jax.nn.softmax(logits_BHLS, axis=-1)
     logits = jnp.where(allowed, logits_BHLS, MASK_VALUE)
-    # A fully masked row is uniform after softmax; the second `where` turns it into zeros
-    # (and every other masked entry is already exactly 0 since exp underflows).
-    return jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
+    # Softmax does not depend on the shift, so no gradient flows through it (as jax.nn.softmax).
+    m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    # Masked entries are exactly 0 since exp underflows once a row has one real key; a fully
+    # masked row (max = MASK_VALUE) would be uniform, so its row factor is set to 0 instead.
+    e = jnp.exp(logits - m)
+    inv = jnp.where(m > 0.5 * MASK_VALUE, 1.0 / e.sum(axis=-1, keepdims=True), 0.0)
+    return e * inv
 
 
 def attention_weights(
@@ -435,8 +439,7 @@ def _padded_operand(x, B: int, H: int, L: int, S: int, Lp: int, Sp: int, fill):
     Returns (array, (l_sliced, s_sliced)); an axis of size 1 broadcasts and is not sliced.
     """
     x4 = _checked_4d(x, B, H, L, S)
-    b, h, l, s = x4.shape
-    sliced = (l != 1, s != 1)
+    sliced = (x4.shape[2] != 1, x4.shape[3] != 1)
     pads = [(0, 0), (0, 0), (0, Lp - L if sliced[0] else 0), (0, Sp - S if sliced[1] else 0)]
     return jnp.pad(x4, pads, constant_values=fill), sliced
 
@@ -517,14 +520,7 @@ def _dense_forward(scale, q, k, v, bias, allowed):
     s = scale * jnp.einsum("BGMK,BGSK->BGMS", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
-    if allowed is not None:
-        s = jnp.where(allowed, s, MASK_VALUE)
-    m = s.max(axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    inv = 1.0 / e.sum(axis=-1, keepdims=True)
-    if allowed is not None:  # a fully masked row (max = MASK_VALUE) returns zeros
-        inv = jnp.where(m > 0.5 * MASK_VALUE, inv, 0.0)
-    p = e * inv
+    p = masked_softmax(s, allowed)
     out = jnp.einsum("BGMS,BGSK->BGMK", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype), p
 
@@ -580,10 +576,10 @@ def dense_attention(
     # BLGRK -> BGRLK -> BG(RL)K: query rows are (head in group, position), head-major.
     q = jnp.moveaxis(q_BLHK.reshape(B, L, G, R, K), 1, 3).reshape(B, G, R * L, K)
     k, v = (jnp.moveaxis(x, 1, 2) for x in (k_BSGK, v_BSGK))
-    if b is not None:
-        b = _rows_flat(_grouped(_checked_4d(b, B, H, L, S), H, G), R, L)
-    if allowed is not None:
-        allowed = _rows_flat(_grouped(_checked_4d(allowed, B, H, L, S), H, G), R, L)
+    b, allowed = (
+        None if x is None else _rows_flat(_grouped(_checked_4d(x, B, H, L, S), H, G), R, L)
+        for x in (b, allowed)
+    )
     out = _dense(default_scale(scale, K), q, k, v, b, allowed)
     out = jnp.moveaxis(out.reshape(B, G, R, L, -1), 3, 1)
     return out.reshape(B, L, H, v_BSGK.shape[-1])

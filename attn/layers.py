@@ -256,7 +256,7 @@ class Dropout(nnx.Dropout):
 
     def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None):
         deterministic = self.deterministic if deterministic is None else deterministic
-        if self.rng == "threefry" or self.rate == 0.0 or deterministic or self.rate >= 1.0:
+        if self.rng == "threefry" or self.rate == 0.0 or deterministic:
             return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
         keep_prob = 1.0 - self.rate
         threshold = jnp.uint32(min(round(self.rate * 2.0**32), 2**32 - 1))
