@@ -34,7 +34,9 @@ Method (DESIGN.md section 5: every claim of speed is a benchmark here, not a tim
   compile seconds and number of compilations for 1000 steps, and the "1000-step equivalent"
   rate 1000 / (compile_s + first calls + (1000 - shapes) / steady), i.e. a 1000-step run
   with compilation and each executable's first (warm-up) call amortised. Every PE sees the
-  same batches (seed 0), so the timed windows hold the same mix of lengths.
+  same batches (seed 0), so the timed windows hold the same mix of lengths. Also per step of
+  the timed windows: minor page faults and kernel CPU milliseconds (getrusage), which show
+  whether XLA's per-execution temp buffers are being faulted in page by page.
 - `w2`: decoder-only LM, 4 layers, d_model 256, 4 heads, MLP 1024, vocab 256, 256 tokens,
   batch 16 (random bytes in the LM layout): steps/s, tokens/s, GFLOP/s and MFU.
 - `long`: forward (loss, no gradient) of the w2 model at 2k, 8k and 32k tokens, batch 1,
@@ -52,6 +54,12 @@ Method (DESIGN.md section 5: every claim of speed is a benchmark here, not a tim
   same batches (nominal length 20, T = 48): time per step of 8 seeds, and the ratio.
 - `gpu` (GPU backends only; a "skipped" line otherwise): w2 scaled to 12 layers, d_model 768,
   12 heads, MLP 3072, 1024 tokens, bfloat16: MFU; and chunked vs cuDNN attention forward at 8k.
+
+Host allocator: XLA:CPU allocates each execution's temp buffer afresh (one `mmap` of 144 MB for
+a w1 step at T = 32) and unmaps it afterwards. With 4 KiB pages that is ~35k page faults and
+~60 ms of kernel time per step, so `./launch.sh` runs Python with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for glibc's large
+allocations: ~500-750 faults per step). Runs without it get a `host` note.
 
 `--smoke` runs every workload at tiny sizes and one repeat (tests/test_bench.py); its numbers
 mean nothing.
@@ -86,6 +94,10 @@ LONG_IMPLS = ("reference", "dense", "xla", "chunked")
 LONG_LENGTHS = (2048, 8192, 32768)
 LONG_PE = "rope"
 LONG_WARMUP_MAX = 8192  # longer forwards take tens of seconds: their first call is timed too
+HUGETLB_HINT = (
+    "GLIBC_TUNABLES has no glibc.malloc.hugetlb=1 (./launch.sh sets it): XLA:CPU's per-execution"
+    " temp buffers are faulted in 4 KiB pages, so CPU steps are slower than the README's table"
+)
 MATERIALISED_COPIES = 3  # logits, probabilities and a mask or bias of the same size
 
 
@@ -114,6 +126,7 @@ def machine() -> dict:
         "device": dev.device_kind,
         "devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -327,9 +340,11 @@ def train_loop(config, *, compile_steps: int, steps: int, repeats: int) -> dict:
         xla_by_T[T] = xla_flops(fn)
     batches = input_pipeline.train_batches(task, config, layout=layout, seed=0)
     rates, flops_rates, token_rates, real_fraction = [], [], [], []
+    faults, kernel_ms = [], []
     late_compiles = 0
     for _ in range(repeats):
         pending, flops, tokens, padded = None, 0.0, 0, 0
+        u0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         for _ in range(steps):
             _, batch = next(batches)
@@ -347,6 +362,9 @@ def train_loop(config, *, compile_steps: int, steps: int, repeats: int) -> dict:
             flops += flops_by_T.get(batch["inputs"].shape[1], 0.0)
         jax.device_get(pending)
         dt = time.perf_counter() - t0
+        u1 = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append((u1.ru_minflt - u0.ru_minflt) / steps)
+        kernel_ms.append(1e3 * (u1.ru_stime - u0.ru_stime) / steps)
         rates.append(steps / dt)
         flops_rates.append(flops / dt)
         token_rates.append(tokens / dt)
@@ -362,6 +380,8 @@ def train_loop(config, *, compile_steps: int, steps: int, repeats: int) -> dict:
         "xla_flops": {str(k): v for k, v in xla_by_T.items()},
         "model_flops": {str(k): v for k, v in flops_by_T.items()},
         "late_compiles": late_compiles,
+        "page_faults_per_step": faults,
+        "kernel_ms_per_step": kernel_ms,
     }
 
 
@@ -404,6 +424,9 @@ def w1(ctx) -> None:
             "steps/s",
             compilations=shapes,
         )
+        # Host memory diagnostics: minor page faults and kernel (system) CPU time per step.
+        rep.emit("w1", pe, "page_faults_per_step", res["page_faults_per_step"], "faults")
+        rep.emit("w1", pe, "kernel_ms_per_step", res["kernel_ms_per_step"], "ms")
         rep.emit(
             "w1",
             pe,
@@ -865,6 +888,10 @@ def main(argv=None) -> Report:
         return Report()
     report = Report()
     ctx = Context(args, report)
+    if sys.platform == "linux" and "glibc.malloc.hugetlb=1" not in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        report.note("host", "malloc", HUGETLB_HINT)
     peak(ctx)
     for name in args.workload:
         WORKLOADS[name](ctx)

@@ -5,6 +5,9 @@ No timing is asserted: the numbers of a smoke run mean nothing (DESIGN.md sectio
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +43,8 @@ def test_in_process_workloads(capsys):
     )
     compiles = next(r for r in rows if r["workload"] == "w1" and r["metric"] == "compile_s_total")
     assert compiles["compilations"] >= 1 and compiles["late_compiles"] == 0
+    faults = next(r for r in rows if r["metric"] == "page_faults_per_step")
+    assert faults["min"] >= 0 and ("alibi", "kernel_ms_per_step") in metrics(rows, "w1")
     w2 = [r for r in rows if r["workload"] == "w2" and r["metric"] == "gflops_per_s"]
     assert w2 and 0 < w2[0]["mfu"]
     assert ("alibi/2_seeds", "vmapped_speedup") in metrics(rows, "seeds")
@@ -76,3 +81,36 @@ def test_transformer_flops_palm_formula():
     got = bench.transformer_flops(cfg, vocab=10, batch=3, length=4, train_step=True)
     assert got == per_token * 3 * 4
     assert bench.transformer_flops(cfg, vocab=10, batch=3, length=4, train_step=False) == got / 3
+
+
+def tune_malloc(env: str) -> str:
+    """GLIBC_TUNABLES after launch.sh's tune_malloc, starting from `env` (unset if None)."""
+    fn = subprocess.run(
+        ["sed", "-n", "/^tune_malloc()/,/^}/p", str(Path(__file__).parents[1] / "launch.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert fn.startswith("tune_malloc()"), fn
+    setup = "unset GLIBC_TUNABLES" if env is None else f"export GLIBC_TUNABLES='{env}'"
+    script = f'{fn}\n{setup}; tune_malloc; printf %s "$GLIBC_TUNABLES"'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout
+
+
+def test_launch_sh_turns_on_huge_page_malloc():
+    assert tune_malloc(None) == "glibc.malloc.hugetlb=1"
+    assert tune_malloc("") == "glibc.malloc.hugetlb=1"
+    kept = "glibc.malloc.arena_max=2"
+    assert tune_malloc(kept) == f"{kept}:glibc.malloc.hugetlb=1"
+    assert tune_malloc("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"  # the caller's choice
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="GLIBC_TUNABLES is a glibc (Linux) setting")
+def test_note_when_huge_page_malloc_is_off(capsys, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    rows = run(capsys, "--workload", "gpu")
+    notes = [r for r in rows if r["workload"] == "host"]
+    assert [r["note"] for r in notes] == [bench.HUGETLB_HINT]
+    assert rows[0]["machine"]["glibc_tunables"] == "glibc.malloc.arena_max=2"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert not [r for r in run(capsys, "--workload", "gpu") if r["workload"] == "host"]
