@@ -323,17 +323,17 @@ def merge_model(graphdef, state: dict) -> nnx.Module:
 
 def _shardings(abstract_tree, mesh: Mesh):
     with flax_spmd.logical_axis_rules(_rules()):
-        named = nnx.get_named_sharding(abstract_tree, mesh)
-    # A mesh axis that does not divide a dimension (6 heads on model=4) replicates it.
+        specs = nnx.get_partition_spec(abstract_tree)
+    # fit_spec before NamedSharding: a mesh axis that does not divide a dimension (6 heads on
+    # model=4) replicates it, and so does a second use of one mesh axis (FIRE's MLP output
+    # kernel is ("mlp", "heads"), both "model"), which NamedSharding rejects.
     return jax.tree.map(
         lambda a, s: NamedSharding(
             mesh,
-            attn.sharding.fit_spec(
-                tuple(s.spec) + (None,) * (len(a.shape) - len(s.spec)), a.shape, mesh
-            ),
+            attn.sharding.fit_spec(tuple(s) + (None,) * (len(a.shape) - len(s)), a.shape, mesh),
         ),
         abstract_tree,
-        named,
+        specs,
     )
 
 

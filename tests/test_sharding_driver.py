@@ -15,13 +15,16 @@ from experiments import input_pipeline, tasks, train
 STEPS = 3
 
 
-def losses(data: int, model: int) -> tuple[list[float], set[str]]:
-    config = formal.get_config("smoke=true")
+def losses(data: int, model: int, pe: str = "") -> tuple[list[float], dict[str, str]]:
+    config = formal.get_config("smoke=true" + (f",pe={pe}" if pe else ""))
     config.train.mesh.data, config.train.mesh.model = data, model
     train.validate(config)
     mesh = train.make_mesh(config)
     graphdef, state, tx = train.init_train_state(config, mesh=mesh)
-    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
+    specs = {
+        jax.tree_util.keystr(path): str(x.sharding.spec)
+        for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
     step_fn = train.make_train_step(config, graphdef, tx)
     task = tasks.build(config.task)
     layout = attn.models.batch_format(config.model.name, config.model)
@@ -37,5 +40,16 @@ def test_mesh_4x2_matches_one_device():
     assert jax.device_count() == 8
     one, _ = losses(1, 1)
     sharded, specs = losses(4, 2)
-    assert any("model" in s for s in specs), specs  # something really is split on `model`
+    assert any("model" in s for s in specs.values()), specs  # something really is split on `model`
+    np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-5)
+
+
+def test_one_mesh_axis_on_two_dims_is_used_once():
+    """FIRE's MLP output kernel is ("mlp", "heads"), both on `model`: the second use replicates
+    (a NamedSharding with P("model", "model") is an error) and the losses still match."""
+    one, _ = losses(1, 1, pe="fire")
+    sharded, specs = losses(4, 2, pe="fire")
+    fire_w2 = [spec for path, spec in specs.items() if "pe" in path and "w2" in path]
+    assert fire_w2 and set(fire_w2) == {"P('model', None)"}, specs
+    assert not [s for s in specs.values() if s.count("model") > 1], specs
     np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-5)
