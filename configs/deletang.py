@@ -90,7 +90,7 @@ MINI = {
 # size "" and lr 0 mean "the protocol's" (full or mini); any other value overrides it. seeds
 # (the sweep's number of seeds, 0: the protocol's) only shapes get_sweep.
 ARGS = {**formal.ARGS, "pe": "none", "size": "", "lr": 0.0, "mini": False, "seeds": 0}
-sweep_vmap_seeds = "accelerator"  # vmapped seeds were slower on the 2-core CPU
+sweep_vmap_seeds = "accelerator"  # vmapped seeds gained nothing on the 2-core CPU
 
 
 def get_config(arg: str | None = None):

@@ -51,7 +51,8 @@ Method (DESIGN.md section 5: every claim of speed is a benchmark here, not a tim
   compilation seconds and time from main() to the end of the first step, cold and warm.
 - `seeds`: 8 seeds of w1 trained together (`jax.vmap` of the driver's step over stacked
   states and batches, the idea of experiments/seeds.py) against 8 separate steps in sequence,
-  same batches (nominal length 20, T = 48): time per step of 8 seeds, and the ratio.
+  same batches (nominal length 20: T = 24 for parity_check, 48 for reverse_string): time per
+  step of 8 seeds, and the ratio.
 - `gpu` (GPU backends only; a "skipped" line otherwise): w2 scaled to 12 layers, d_model 768,
   12 heads, MLP 3072, 1024 tokens, bfloat16: MFU; and chunked vs cuDNN attention forward at 8k.
 

@@ -27,7 +27,7 @@ one `python -m experiments.seeds` program that trains them under `jax.vmap` (DES
 section 5) and writes the same per-seed workdirs. `sweep_vmap_seeds = "accelerator"` does so
 only where JAX's default backend is not the CPU (asked of a short child process, so the
 sweep itself never claims the accelerator): on the 2-core CPU 8 vmapped seeds of the Deletang
-encoder ran 0.86x as fast as 8 separate runs (README "Performance").
+encoder ran 0.85-1.08x as fast as 8 separate runs (README "Performance").
 
 Usage:
     python -m experiments.sweep --config configs/quickstart.py --workdir runs/quickstart \
