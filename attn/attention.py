@@ -25,8 +25,16 @@ Implementations, selected by `impl` (dispatch through the IMPLEMENTATIONS dict):
   top-left aligned when L != S, so our mask is passed explicitly (cuDNN gets its own flags
   only where they mean the same, L == S); it averages fully masked rows, so they are zeroed
   afterwards. Its GQA grouping is contiguous, like ours. cuDNN needs a GPU and bf16/fp16.
-- "auto": `choose_impl` by shapes, bias kind and backend (cuDNN, else chunked for long or
-  large, else dense); logs each distinct choice once.
+- "flash": a Pallas kernel (attn.kernels.flash; FlashAttention-2 forward and backward, Triton
+  on GPU, Mosaic on TPU, interpret mode on CPU) that computes a positional encoding's bias
+  inside the kernel from integer positions: ALiBi, T5, KERPLE and any per-distance table, via
+  the encoding's `kernel_bias` (the layer passes it as an `attn.kernels.PositionalBias`).
+  Masks are causal/window by index and key padding as per-row lengths (right padding). A
+  call it cannot express (a general mask, an array bias, FIRE / Shaw / CoPE biases, float
+  positions) runs on "chunked" instead, logged once per reason.
+- "auto": `choose_impl` by shapes, bias kind and backend (on GPU cuDNN when there is no bias,
+  flash when the call has a kernel form, on TPU flash; else chunked for long or large, else
+  dense; never flash on CPU, where Pallas only interprets); logs each distinct choice once.
 
 Measured on the shared 2-core CPU (B=1, H=8, K=64; method in the attention report): the
 chunked causal forward costs ~2x less CPU than XLA at 1k-2k and ~5x less at 8k; chunked
@@ -680,11 +688,23 @@ _logged_choices: set = set()
 
 
 def choose_impl(
-    q_shape, k_shape, *, dtype, causal=False, window=None, callable_bias=False, backend="cpu"
+    q_shape,
+    k_shape,
+    *,
+    dtype,
+    causal=False,
+    window=None,
+    callable_bias=False,
+    backend="cpu",
+    flash=False,
 ) -> str:
     """The implementation `impl="auto"` uses for these shapes, bias kind and backend.
 
-    cuDNN where it runs, unless a bias callable would have to be materialised too large for
+    `flash`: whether the flash kernel can express the call (attn.kernels.flash
+    .unsupported_reason is None). On GPU and TPU flash wherever it applies, except that cuDNN
+    goes first on a GPU when there is no bias at all (a vendor kernel with nothing to
+    compute in-kernel); never flash on CPU (interpret mode). Otherwise cuDNN where it runs,
+    unless a bias callable would have to be materialised too large for
     it; chunked when float32 logits (plus a materialised bias callable) would exceed
     AUTO_MAX_LOGITS_BYTES, or when a causal/window mask hides enough key blocks for skipping
     them to beat materialising (measured on CPU: from 1k); otherwise dense (materialised
@@ -693,9 +713,10 @@ def choose_impl(
     B, L, H, _ = q_shape
     S = k_shape[1]
     too_big = B * H * L * S * 4 * (2 if callable_bias else 1) > AUTO_MAX_LOGITS_BYTES
-    if cudnn_unsupported_reason(q_shape, dtype, backend) is None and not (
-        callable_bias and too_big
-    ):
+    cudnn = cudnn_unsupported_reason(q_shape, dtype, backend) is None
+    if flash and backend in ("gpu", "tpu") and not (cudnn and not callable_bias):
+        return "flash"
+    if cudnn and not (callable_bias and too_big):
         return "cudnn"
     masked = causal or window is not None
     if too_big or (masked and min(L, S) >= AUTO_CHUNKED_CAUSAL_MIN_LEN):
@@ -703,7 +724,28 @@ def choose_impl(
     return "dense"
 
 
+def _flash_reason(q_BLHK, k_BSGK, bias, mask) -> str | None:
+    # attn.kernels imports this module (MASK_VALUE, chunked), so it is imported on first use.
+    from attn.kernels import flash
+
+    return flash.unsupported_reason(q_BLHK.shape, k_BSGK.shape, bias=bias, mask=mask)
+
+
+def _flash_kernel(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.Array:
+    from attn.kernels import flash
+
+    kw = dict(bias=bias, mask=mask, causal=causal, window=window, scale=scale)
+    reason = _flash_reason(q_BLHK, k_BSGK, bias, mask)
+    if reason is None:
+        return flash.attention(q_BLHK, k_BSGK, v_BSGK, **kw)
+    if ("flash", reason) not in _logged_choices:
+        _logged_choices.add(("flash", reason))
+        logger.info("attention impl=flash cannot run this call (%s); using chunked", reason)
+    return chunked_attention(q_BLHK, k_BSGK, v_BSGK, **kw)
+
+
 def _auto(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.Array:
+    backend = jax.default_backend()
     name = choose_impl(
         q_BLHK.shape,
         k_BSGK.shape,
@@ -711,7 +753,8 @@ def _auto(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.A
         causal=causal,
         window=window,
         callable_bias=callable(bias),
-        backend=jax.default_backend(),
+        backend=backend,
+        flash=backend != "cpu" and _flash_reason(q_BLHK, k_BSGK, bias, mask) is None,
     )
     B, L, H, _ = q_BLHK.shape
     key = (name, B, L, k_BSGK.shape[1], H, k_BSGK.shape[2])
@@ -737,6 +780,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "dense": dense_attention,
     "xla": _xla,
     "cudnn": _cudnn,
+    "flash": _flash_kernel,
     "auto": _auto,
 }
 IMPLS = tuple(IMPLEMENTATIONS)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import attn.kernels
 import attn.pe
 import attn.positions
 import attn.scoring
@@ -310,7 +311,8 @@ def positional_bias(pe, q, k, qpos, kpos, *, materialize: bool):
 
     The hook is traced once on one row and one column to learn whether it returns None, so a
     PE without bias costs nothing; otherwise the callable gathers the block's positions (and
-    q/k rows for content-dependent biases) by index.
+    q/k rows for content-dependent biases) by index. A PE with a `kernel_bias` comes wrapped
+    with it and the positions (attn.kernels.PositionalBias), which impl="flash" reads.
     """
     probe = jax.eval_shape(lambda: pe.bias(qpos[:, :1], kpos[:, :1], q[:, :1], k[:, :1]))
     if probe is None:
@@ -323,7 +325,7 @@ def positional_bias(pe, q, k, qpos, kpos, *, materialize: bool):
             _gather(qpos, q_idx), _gather(kpos, k_idx), _gather(q, q_idx), _gather(k, k_idx)
         )
 
-    return bias_fn
+    return attn.kernels.positional_bias(bias_fn, pe, qpos, kpos)
 
 
 def _write(buffer_BS, new_BL, start_B):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn import kernels
 from attn.pe.base import PositionalEncoding, relative_positions
 
 
@@ -63,6 +64,13 @@ class ALiBi(PositionalEncoding):
         return bias(
             qpos_BL,
             kpos_BS,
+            slopes(self.num_heads),
+            causal=self.causal,
+            lower_offset=self.cfg["bidirectional_offset"],
+        )
+
+    def kernel_bias(self):
+        return kernels.alibi(
             slopes(self.num_heads),
             causal=self.causal,
             lower_offset=self.cfg["bidirectional_offset"],

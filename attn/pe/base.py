@@ -8,6 +8,11 @@ A PE acts through up to three hooks that attention layers call unconditionally
   for relative biases, in logit units added after the 1/sqrt(K) scaling. It receives
   positions, not indices; the attention layer wraps it into the per-block callable.
 
+A relative bias that is a function of key - query position and a few per-head parameters
+also declares that function through `kernel_bias() -> attn.kernels.KernelBias | None`
+(default None), so that `impl="flash"` computes it inside the fused kernel from integer
+positions instead of calling `bias`; the two must agree (tests/test_kernels.py checks it).
+
 Positions may be int32 (identity, randomized samplers) or float32 (interpolated sampler);
 every encoding accepts both. Parameters carry logical axis names from attn.sharding.RULES
 ("heads", "head_dim", ...) as `out_sharding` metadata; they are created with
@@ -31,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attn.kernels.bias import KernelBias
 from attn.registry import ConfigError
 
 # Position for KV-cache slots not yet written: after every real query, so that a causal
@@ -146,4 +152,8 @@ class PositionalEncoding(nnx.Module):
         k_BSGK: jax.Array | None = None,
     ) -> jax.Array | None:
         del qpos_BL, kpos_BS, q_BLHK, k_BSGK
+        return None
+
+    def kernel_bias(self) -> KernelBias | None:
+        """`bias` as an in-kernel bias of key - query position (attn.kernels), or None."""
         return None

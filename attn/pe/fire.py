@@ -13,6 +13,13 @@ query position, FIRE is not shift invariant.
 
 The paper's bias is causal (i >= j). For bidirectional attention we feed |i - j| and a
 second input, 1 for keys after the query, so the MLP can tell left from right (our choice).
+
+FIRE has no `kernel_bias`, so `impl="flash"` runs it on the chunked implementation (which
+evaluates `bias` per block, never L x S). The flash kernel's table path needs a bias that
+is a function of key - query distance alone, and FIRE's normaliser psi(max(L, i)) depends
+on the query position: a table would be indexed by (query position, distance), of size
+L x Dmax, and computing the MLP per logit in the kernel (about 4 x hidden flops per logit
+and head, plus its backward) costs more than the q.k product it is added to.
 """
 
 import jax

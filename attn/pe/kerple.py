@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attn import kernels
 from attn.pe.base import (
     PositionalEncoding,
     inverse_softplus,
@@ -92,3 +93,6 @@ class Kerple(PositionalEncoding):
         r1, r2 = self.coefficients()
         fn = power_bias if self.cfg["variant"] == "power" else log_bias
         return fn(dist, r1, r2)
+
+    def kernel_bias(self):
+        return kernels.kerple(self.cfg["variant"], *self.coefficients())

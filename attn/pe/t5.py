@@ -14,8 +14,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from attn import kernels
 from attn.pe.base import PositionalEncoding, param, relative_positions
 
 
@@ -77,3 +79,12 @@ class T5Bias(PositionalEncoding):
         else:
             out_BLSH = jnp.take(table[...], self.bucket(rel_BLS), axis=0)
         return jnp.moveaxis(out_BLSH, -1, 1)
+
+    def kernel_bias(self):
+        # The flash kernel sees one segment per run of equal bucket over the clipped
+        # distances (num_buckets of them, not 2 * max_distance + 1 table entries).
+        md = self.cfg["max_distance"]
+        with jax.ensure_compile_time_eval():
+            buckets = np.asarray(self.bucket(jnp.arange(-md, md + 1)))
+        table: nnx.Param = self.table
+        return kernels.bucketed_table(table[...].T, buckets, md)
