@@ -139,6 +139,45 @@ def test_flash_matches_reference(case):
         np.testing.assert_allclose(g, wg, rtol=5e-5, atol=5e-5, err_msg=name)
 
 
+@pytest.mark.parametrize(
+    "L,S,causal,window,length",
+    [
+        (40, 40, True, None, 40),
+        (17, 45, True, 9, 30),
+        (45, 17, False, 6, 17),
+        (33, 33, False, None, 20),
+    ],
+)
+def test_block_ranges_are_exactly_the_visible_blocks(L, S, causal, window, length):
+    """Both passes visit exactly the blocks that hold a visible (query, key) pair: skipping
+    is complete (no visible block missed) and tight (no hidden block visited)."""
+    bq, bk = 8, 4
+    c = flash._Config(
+        platform="cpu", B=1, H=1, G=1, L=L, S=S, bq=bq, bk=bk, nq=-(-L // bq), nk=-(-S // bk),
+        scale=1.0, causal=causal, window=window, kind=None, offset=0.0, num_params=1,
+        padded_params=1, max_distance=0, num_segments=0,
+    )  # fmt: skip
+    pos = np.arange(L)[:, None] + S - L
+    key = np.arange(S)[None, :]
+    visible = np.broadcast_to(key < length, (L, S)).copy()
+    if causal:
+        visible &= pos >= key
+    if window is not None:
+        visible &= (pos - key < window) & (causal | (key - pos < window))
+    for i in range(c.nq):
+        lo, hi = (int(x) for x in c.key_blocks(i, length))
+        want = [
+            j for j in range(c.nk) if visible[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk].any()
+        ]
+        assert list(range(lo, hi)) == want, ("query block", i)
+    for j in range(c.nk):
+        lo, hi = (int(x) for x in c.query_blocks(j, length))
+        want = [
+            i for i in range(c.nq) if visible[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk].any()
+        ]
+        assert list(range(lo, hi)) == want, ("key block", j)
+
+
 def test_fully_masked_rows_are_zero_with_finite_grads():
     """L > S with causal masking leaves the first L - S queries no key; a zero-length row has
     no key at all. Both return zeros (not NaN) and zero gradients, as the reference does."""
@@ -249,6 +288,22 @@ def test_layer_flash_matches_reference(pe_name, causal, caplog):
     assert fell_back == (pe_name == "fire")
 
 
+def test_positional_bias_runs_on_the_other_impls_under_jit():
+    """The wrapped bias is still the per-block callable of chunked/dense, also when the
+    encoding's parameters are traced (jax.closure_convert hashes the callable)."""
+    layer, pe = _layer("t5", "chunked", causal=True)
+    x = jnp.ones((1, 5, 16))
+    pos = jnp.arange(5)[None]
+    graphdef, state = nnx.split(pe)
+
+    @jax.jit
+    def run(state):
+        return layer(x, pos_BL=pos, pe=nnx.merge(graphdef, state))
+
+    want = layer(x, pos_BL=pos, pe=pe)
+    np.testing.assert_allclose(run(state), want, rtol=1e-5, atol=1e-6)
+
+
 def test_flash_impl_fallbacks_and_checks():
     q = jnp.ones((2, 4, 2, K))
     general = jnp.tril(jnp.ones((4, 4), bool))
@@ -280,9 +335,9 @@ EXPORT_CUSTOM_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 @pytest.mark.parametrize("target", ["cuda", "tpu"])
 def test_kernels_lower_for_accelerators(target):
-    """Forward and backward of the largest configuration (T5-style table with GQA, L != S,
-    window, padding, random positions, bf16) lower to Triton / Mosaic calls. Compilation by
-    Triton or Mosaic itself happens on the device and is not checked here."""
+    """Forward and backward of the largest configuration (T5-style table and KERPLE, GQA,
+    L != S, window, padding, positions, bf16), vmapped over seeds as the sweeps do, lower to
+    Triton / Mosaic calls. Compiling those calls happens on the device, not here."""
     B, L, S, H, G, Kh = 2, 200, 300, 4, 2, 64
     platform = "gpu" if target == "cuda" else "tpu"
     buckets = _t5_buckets(bidirectional=True)
@@ -299,19 +354,21 @@ def test_kernels_lower_for_accelerators(target):
 
         return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, table, r)
 
+    seeds = 2
+
     sd = jax.ShapeDtypeStruct
     args = (
-        sd((B, L, H, Kh), jnp.bfloat16),
-        sd((B, S, G, Kh), jnp.bfloat16),
-        sd((B, S, G, Kh), jnp.bfloat16),
+        sd((seeds, B, L, H, Kh), jnp.bfloat16),
+        sd((seeds, B, S, G, Kh), jnp.bfloat16),
+        sd((seeds, B, S, G, Kh), jnp.bfloat16),
         sd((B, L), jnp.int32),
         sd((B, S), jnp.int32),
         sd((B,), jnp.int32),
-        sd((H, 8), jnp.float32),
-        sd((2, H), jnp.float32),
+        sd((seeds, H, 8), jnp.float32),
+        sd((seeds, 2, H), jnp.float32),
     )
     exported = jax.export.export(
-        jax.jit(grads),
+        jax.jit(jax.vmap(grads, in_axes=(0, 0, 0, None, None, None, 0, 0))),
         platforms=[target],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(EXPORT_CUSTOM_CALLS["cuda"])],
     )(*args)

@@ -139,7 +139,9 @@ def bucketed_table(values_HB, bucket_of_distance, max_distance: int) -> KernelBi
     return KernelBias(values, kind="table", starts=starts, max_distance=max_distance)
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: hashed by identity like the closure it wraps (jax.closure_convert caches on it,
+# and its fields may be tracers).
+@dataclasses.dataclass(frozen=True, eq=False)
 class PositionalBias:
     """A positional encoding's bias as attention's `bias` argument.
 

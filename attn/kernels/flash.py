@@ -149,7 +149,7 @@ class _Config:
         """[first, last) query blocks that can see some key of key block j."""
         offset = self.S - self.L
         k_first = j * self.bk
-        k_last = k_first + self.bk - 1
+        k_last = jnp.minimum(k_first + self.bk, length) - 1
         lo, hi = 0, self.L
         if self.causal:
             lo = jnp.maximum(k_first - offset, 0)
@@ -189,17 +189,17 @@ def _dot(a, b, contract):
 def _segment_range(c: _Config, ints, b, i, j):
     """First and last table segment that distances of block (i, j) of row b can reach."""
     D = c.max_distance
-    qmin = ints[c.off_qmin + b * c.nq + i]
-    qmax = ints[c.off_qmax + b * c.nq + i]
-    kmin = ints[c.off_kmin + b * c.nk + j]
-    kmax = ints[c.off_kmax + b * c.nk + j]
+    qmin = ints[0, c.off_qmin + b * c.nq + i]
+    qmax = ints[0, c.off_qmax + b * c.nq + i]
+    kmin = ints[0, c.off_kmin + b * c.nk + j]
+    kmax = ints[0, c.off_kmax + b * c.nk + j]
     lo = jnp.clip(kmin - qmax, -D, D) + D
     hi = jnp.clip(kmax - qmin, -D, D) + D
-    return ints[c.off_segment + lo], ints[c.off_segment + hi]
+    return ints[0, c.off_segment + lo], ints[0, c.off_segment + hi]
 
 
 def _params(c: _Config, params, h):
-    return [params[h * c.num_params + n] for n in range(c.num_params)]
+    return [params[0, h * c.num_params + n] for n in range(c.num_params)]
 
 
 def _bias(c: _Config, ints, params, rel, b, h, i, j):
@@ -215,9 +215,9 @@ def _bias(c: _Config, ints, params, rel, b, h, i, j):
 
     def segment(s, acc):
         # Segments are sorted, so a later one overrides where its start is reached.
-        return jnp.where(dist >= ints[c.off_starts + s], params[base + s], acc)
+        return jnp.where(dist >= ints[0, c.off_starts + s], params[0, base + s], acc)
 
-    init = jnp.full(rel.shape, params[base + s_lo], jnp.float32)
+    init = jnp.full(rel.shape, params[0, base + s_lo], jnp.float32)
     return lax.fori_loop(s_lo + 1, s_hi + 1, segment, init)
 
 
@@ -235,7 +235,7 @@ def _bias_grad(c: _Config, ints, params, rel, ds, b, h, i, j, acc):
     s_lo, s_hi = _segment_range(c, ints, b, i, j)
 
     def segment(s, acc):
-        inside = (dist >= ints[c.off_starts + s]) & (dist < ints[c.off_starts + s + 1])
+        inside = (dist >= ints[0, c.off_starts + s]) & (dist < ints[0, c.off_starts + s + 1])
         g = jnp.sum(jnp.where(inside, ds, 0.0), keepdims=True)
         return acc + jnp.where(lanes == s, g, 0.0)
 
@@ -267,7 +267,7 @@ def _cols(ref, start, size):
 def _forward_kernel(c: _Config, ints, params, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref,
                     lse_ref):  # fmt: skip
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = ints[b]
+    length = ints[0, b]
     q, qpos = q_ref[...], qpos_ref[...]
 
     def key_block(j, carry):
@@ -299,7 +299,7 @@ def _forward_kernel(c: _Config, ints, params, q_ref, k_ref, v_ref, qpos_ref, kpo
 def _dq_kernel(c: _Config, want_dparams: bool, ints, params, q_ref, k_ref, v_ref, qpos_ref,
                kpos_ref, do_ref, lse_ref, delta_ref, dq_ref, *dparams_ref):  # fmt: skip
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = ints[b]
+    length = ints[0, b]
     q, qpos, do = q_ref[...], qpos_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
 
@@ -328,7 +328,7 @@ def _dq_kernel(c: _Config, want_dparams: bool, ints, params, q_ref, k_ref, v_ref
 def _dkv_kernel(c: _Config, ints, params, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, do_ref,
                 lse_ref, delta_ref, dk_ref, dv_ref):  # fmt: skip
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = ints[b]
+    length = ints[0, b]
     k, v, kpos = k_ref[...], v_ref[...], kpos_ref[...]
 
     def query_block(i, carry):
@@ -353,12 +353,15 @@ def _dkv_kernel(c: _Config, ints, params, q_ref, k_ref, v_ref, qpos_ref, kpos_re
 
 
 def _scalar_spec(c: _Config, n: int):
-    """Whole small array read as scalars: SMEM on TPU, one global block elsewhere."""
+    """Whole small (1, n) array read as scalars: SMEM on TPU, one global block elsewhere.
+    (1, n) rather than (n,) so that a vmapped call's extra leading axis is a squeezed block
+    axis that Mosaic accepts."""
+    memory = {}
     if c.platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pl.BlockSpec(memory_space=pltpu.SMEM)
-    return pl.BlockSpec((n,), lambda *_: (0,))
+        memory = dict(memory_space=pltpu.SMEM)
+    return pl.BlockSpec((1, n), lambda *_: (0, 0), **memory)
 
 
 def _compiler_params(c: _Config, K: int):
@@ -402,7 +405,7 @@ def _specs(c: _Config, K: int, ints, params, *, query_blocked: bool):
         kv = pl.BlockSpec((None, None, c.bk, K), lambda b, h, j: (b, lax.div(h, R), j, 0))
         qpos = pl.BlockSpec((None, c.Lp, 1), lambda b, h, j: (b, 0, 0))
         kpos = pl.BlockSpec((None, 1, c.bk), lambda b, h, j: (b, 0, j))
-    scalars = [_scalar_spec(c, ints.shape[0]), _scalar_spec(c, params.shape[0])]
+    scalars = [_scalar_spec(c, ints.shape[1]), _scalar_spec(c, params.shape[1])]
     return [*scalars, q, kv, kv, qpos, kpos]
 
 
@@ -505,7 +508,7 @@ def _flash_bwd(c: _Config, residuals, do):
     if dparams is None:
         dparams = jnp.zeros_like(params)
     else:
-        dparams = jnp.pad(dparams, (0, params.shape[0] - dparams.shape[0]))
+        dparams = jnp.pad(dparams, (0, params.shape[1] - dparams.shape[0]))[None]
     return dq, dk, dv, dparams, None, None, None
 
 
@@ -629,8 +632,8 @@ def flash_attention(
 
     q = heads_first(q_BLHK, L, Lp)
     k, v = (heads_first(x, S, Sp) for x in (k_BSGK, v_BSGK))
-    ints = _pad_to_pow2(jnp.concatenate(ints), platform)
-    params_flat = _pad_to_pow2(params, platform)
+    ints = _pad_to_pow2(jnp.concatenate(ints), platform)[None]
+    params_flat = _pad_to_pow2(params, platform)[None]
     out = _flash(c, q, k, v, params_flat, ints, qpos[:, :, None], kpos[:, None, :])
     return jnp.moveaxis(out[:, :, :L, :K], 1, 2)
 
