@@ -7,6 +7,7 @@ accelerators is checked by exporting them for "cuda" (Triton) and "tpu" (Mosaic)
 CPU; compiling and running them there needs the hardware (attn/kernels/benchmark.py).
 """
 
+import functools
 import logging
 
 import jax
@@ -178,6 +179,23 @@ def test_block_ranges_are_exactly_the_visible_blocks(L, S, causal, window, lengt
         assert list(range(lo, hi)) == want, ("key block", j)
 
 
+def test_bfloat16_inputs():
+    """bf16 q/k/v: logits, softmax and the bias stay float32; only the matmul inputs (and
+    the probabilities fed to p @ v) are bf16, so the output is within bf16 rounding."""
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.normal(size=(1, 19, 2, K)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(1, 19, 2, K)), jnp.bfloat16)
+    params, make = _make_bias("t5", True, 2)
+    kb = make(params)
+    got = kernels.flash_attention(q, k, k, bias=kb, causal=True, platform="cpu", **BLOCKS)
+    rel = jnp.arange(19)[None, None, :] - jnp.arange(19)[None, :, None]
+    want = attention.dot_product_attention(
+        q, k, k, bias=kb.evaluate(rel), causal=True, impl="reference"
+    )
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2)
+
+
 def test_fully_masked_rows_are_zero_with_finite_grads():
     """L > S with causal masking leaves the first L - S queries no key; a zero-length row has
     no key at all. Both return zeros (not NaN) and zero gradients, as the reference does."""
@@ -257,11 +275,11 @@ def _layer(pe_name: str, impl: str, causal: bool):
     return layer, pe
 
 
-@pytest.mark.parametrize("pe_name,causal", [("t5", False), ("kerple", True), ("fire", True)])
+@pytest.mark.parametrize("pe_name,causal", [("t5", False), ("kerple", True)])
 def test_layer_flash_matches_reference(pe_name, causal, caplog):
-    """Through the attention layer: the PE's kernel_bias reaches the kernel (T5, KERPLE) or
-    the call falls back to chunked (FIRE), with a padding mask and random positions; values
-    and the gradients of the encoding's own parameters match impl="reference"."""
+    """Through the attention layer: the PE's kernel_bias reaches the kernel, with a padding
+    mask and random positions; values and the gradients of the encoding's own parameters
+    match impl="reference"."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 11, 16)), jnp.float32)
     pos = jnp.asarray(np.sort(rng.choice(40, size=(2, 11), replace=False), -1), jnp.int32)
@@ -284,8 +302,7 @@ def test_layer_flash_matches_reference(pe_name, causal, caplog):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, rtol=5e-5, atol=5e-5)
-    fell_back = any("using chunked" in r.getMessage() for r in caplog.records)
-    assert fell_back == (pe_name == "fire")
+    assert not any("using chunked" in r.getMessage() for r in caplog.records)
 
 
 def test_positional_bias_runs_on_the_other_impls_under_jit():
@@ -304,13 +321,24 @@ def test_positional_bias_runs_on_the_other_impls_under_jit():
     np.testing.assert_allclose(run(state), want, rtol=1e-5, atol=1e-6)
 
 
-def test_flash_impl_fallbacks_and_checks():
+def test_flash_impl_fallbacks_and_checks(caplog):
+    """What the kernel cannot express runs on chunked, logged once per reason: a general
+    mask, a bias without a kernel form (an array; FIRE's or Shaw's callables), float
+    positions. A key mask that is not right padding is an error when it can be checked."""
     q = jnp.ones((2, 4, 2, K))
     general = jnp.tril(jnp.ones((4, 4), bool))
-    assert "key padding" in flash.unsupported_reason(q.shape, q.shape, mask=general)
-    assert "kernel_bias" in flash.unsupported_reason(q.shape, q.shape, bias=jnp.zeros((4, 4)))
-    assert flash.unsupported_reason(q.shape, q.shape, mask=jnp.ones((2, 1, 1, 4), bool)) is None
-    got = attention.dot_product_attention(q, q, q, mask=general, impl="flash")
+    reason = functools.partial(flash.unsupported_reason, q.shape, q.shape)
+    assert "key padding" in reason(mask=general)
+    assert "kernel_bias" in reason(bias=jnp.zeros((4, 4)))
+    assert "kernel_bias" in reason(bias=lambda qi, ki: jnp.zeros((4, 4)))
+    float_pos = jnp.zeros((2, 4), jnp.float32)
+    kb = kernels.alibi(np.ones(2), causal=True)
+    assert "integers" in reason(bias=kernels.PositionalBias(None, kb, float_pos, float_pos))
+    assert reason(mask=jnp.ones((2, 1, 1, 4), bool)) is None
+    with caplog.at_level(logging.INFO, logger="attn.attention"):
+        attention._logged_choices.clear()
+        got = attention.dot_product_attention(q, q, q, mask=general, impl="flash")
+    assert sum("using chunked" in r.getMessage() for r in caplog.records) == 1
     want = attention.dot_product_attention(q, q, q, mask=general, impl="reference")
     np.testing.assert_allclose(got, want, rtol=1e-6)
     left_padded = jnp.asarray([[True] * 4, [False, True, True, True]])[:, None, None, :]
@@ -375,3 +403,14 @@ def test_kernels_lower_for_accelerators(target):
     text = exported.mlir_module()
     # Two biases x (forward, dq, dk/dv).
     assert text.count(f"@{EXPORT_CUSTOM_CALLS[target]}(") == 6
+
+
+def test_benchmark_runs_at_smoke_size():
+    from attn.kernels import benchmark
+
+    kw = dict(batch=1, heads=2, head_dim=K, dtype="float32", steps=1)
+    rows = benchmark.run(impls=("chunked", "flash"), pes=("alibi",), lengths=(16,), **kw)
+    assert [r["impl"] for r in rows] == ["chunked", "flash"]
+    assert all("error" not in r and r["fwd_bwd_ms"] > 0 for r in rows)
+    assert rows[1]["max_abs_diff"] < 1e-5
+    assert "| alibi | 16 | flash |" in benchmark.table(rows)
