@@ -1,7 +1,8 @@
 """Pallas kernels: flash attention with the positional bias computed in-kernel.
 
 `flash_attention` (attn.kernels.flash) is `impl="flash"` of attn.attention; `KernelBias`
-(attn.kernels.bias) is what a positional encoding's `kernel_bias` hook returns.
+(attn.kernels.bias) is what a positional encoding's `kernel_bias` hook returns;
+attn.kernels.benchmark times flash against the other implementations on one device.
 """
 
 from attn.kernels.bias import (

@@ -101,7 +101,7 @@ def run_one(
 
 
 def run(impls=("flash", "chunked", "cudnn", "dense"), pes=("none", "alibi", "t5", "kerple"),
-        lengths=(1024, 4096, 16384), **kw) -> list[dict]:  # fmt: skip
+        lengths=(128, 1024, 4096, 16384), **kw) -> list[dict]:  # fmt: skip
     """Rows of `run_one` for every (pe, length, impl); `max_abs_diff` compares each output
     with that of the first impl that ran the same (pe, length)."""
     rows = []
