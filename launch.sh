@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The one entry point for people. `./launch.sh` sets up .venv on first use and runs the
 # quickstart ablation; `./launch.sh test` runs the test suite; other modes pass through to
-# the Python entry points. `./launch.sh --help` lists them.
-set -euo pipefail
-cd "$(dirname "$0")"
-ROOT=$(pwd)
+# the Python entry points. `./launch.sh --help` lists them. Sourcing it (tests do) defines
+# the functions and runs nothing.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
@@ -13,9 +12,9 @@ usage() {
 usage: ./launch.sh [MODE] [ARGS...]
 
 modes:
-  (none)        set up .venv if missing, then run the quickstart ablation (5 encodings, 1 task)
+  (none)        set up .venv if missing, then run the quickstart ablation (6 encodings, 1 task)
   test          run the test suite (pytest, slow tests excluded); extra args go to pytest
-  train         train a config:      ./launch.sh train --config configs/reverse.py:pe=alibi --workdir runs/a
+  train         train a config:      ./launch.sh train --config configs/formal.py:pe=alibi --workdir runs/a
   eval          evaluate a workdir:  ./launch.sh eval --workdir runs/a [--lengths 40,80,160]
   sweep         run a config's grid: ./launch.sh sweep --config configs/quickstart.py --workdir runs/q
   compare       tables and plots:    ./launch.sh compare runs/q [runs/r ...] --out reports/q
@@ -71,45 +70,56 @@ tune_malloc() {
   fi
 }
 
-tune_malloc
-mode="${1:-quickstart}"
-[[ $# -gt 0 ]] && shift
+main() {
+  set -euo pipefail
+  cd "$ROOT"
+  tune_malloc
+  local mode="${1:-quickstart}"
+  [[ $# -gt 0 ]] && shift
 
-case "$mode" in
-  -h | --help | help)
-    ensure_env
-    usage
-    ;;
-  setup)
-    ensure_env
-    ;;
-  test)
-    ensure_env
-    export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-    run_py -m pytest -q -n 2 --dist loadfile "$@"
-    ;;
-  quickstart)
-    ensure_env
-    run_py -m experiments.quickstart "$@"
-    ;;
-  train | eval)
-    ensure_env
-    run_py -m experiments.main --mode "$mode" "$@"
-    ;;
-  sweep | compare | bench | generate)
-    ensure_env
-    run_py -m "experiments.$mode" "$@"
-    ;;
-  multi)
-    ensure_env
-    n="${1:?usage: ./launch.sh multi N train|eval ARGS...}"
-    shift
-    sub="${1:?usage: ./launch.sh multi N train|eval ARGS...}"
-    shift
-    run_py -m experiments.multi --num_processes "$n" --mode "$sub" -- "$@"
-    ;;
-  *)
-    echo "launch.sh: unknown mode '$mode'; valid modes: test train eval sweep compare bench generate multi setup --help" >&2
-    exit 2
-    ;;
-esac
+  case "$mode" in
+    -h | --help | help)
+      ensure_env
+      usage
+      ;;
+    setup)
+      ensure_env
+      ;;
+    test)
+      ensure_env
+      export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+      run_py -m pytest -q -n 2 --dist loadfile "$@"
+      ;;
+    quickstart)
+      ensure_env
+      run_py -m experiments.quickstart "$@"
+      ;;
+    train | eval)
+      ensure_env
+      run_py -m experiments.main --mode "$mode" "$@"
+      ;;
+    sweep | compare | bench | generate)
+      ensure_env
+      run_py -m "experiments.$mode" "$@"
+      ;;
+    multi)
+      if [[ $# -lt 2 || "$1" == -h || "$1" == --help ]]; then
+        echo "usage: ./launch.sh multi N train|eval ARGS...   (N local processes of experiments.main)" >&2
+        [[ "${1:-}" == -h || "${1:-}" == --help ]] && exit 0
+        exit 2
+      fi
+      ensure_env
+      local n="$1" sub="$2"
+      shift 2
+      run_py -m experiments.multi --num_processes "$n" --mode "$sub" -- "$@"
+      ;;
+    *)
+      echo "launch.sh: unknown mode '$mode'; valid modes: test train eval sweep compare bench generate multi setup --help" >&2
+      exit 2
+      ;;
+  esac
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

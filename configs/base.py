@@ -27,7 +27,7 @@ from attn import scoring as scoring_lib
 from attn.registry import ConfigError
 from experiments import config_utils
 from experiments import tasks as tasks_lib
-from experiments import train as train_lib
+from experiments import optim
 
 ARGS = {
     "task": "reverse_string",
@@ -75,7 +75,7 @@ def _model_block(model: str, size: str, pe: str, sampler: str, scorer: str) -> d
             continue  # the model's own default
         if key not in block:
             raise ConfigError(f"config arg {key}: model {model!r} has no {key} block")
-        block[key] = config_utils.block(module, name, f"model.{key}.name").to_dict()
+        block[key] = config_utils.block(module.REGISTRY, name, f"model.{key}").to_dict()
     return block
 
 
@@ -107,16 +107,16 @@ def build(
         {
             "seed": 0,
             "variant": f"{model}:{variant}",
-            "task": config_utils.block(tasks_lib, task, "task.name").to_dict(),
+            "task": config_utils.block(tasks_lib.REGISTRY, task, "task").to_dict(),
             "model": model_block,
             "train": {
                 "steps": steps,
                 "batch_size": batch_size,
                 "optimizer": config_utils.block(
-                    _Registry(train_lib.OPTIMIZERS), optimizer, "train.optimizer.name", lr=lr
+                    optim.OPTIMIZERS, optimizer, "train.optimizer", lr=lr
                 ).to_dict(),
                 "schedule": config_utils.block(
-                    _Registry(train_lib.SCHEDULES), schedule, "train.schedule.name"
+                    optim.SCHEDULES, schedule, "train.schedule"
                 ).to_dict(),
                 "grad_clip": 1.0,
                 "skip_nonfinite": False,
@@ -141,13 +141,6 @@ def build(
         shrink(config)
     config.lock()
     return config
-
-
-class _Registry:
-    """Adapter so that config_utils.block reads the driver's OPTIMIZERS/SCHEDULES dicts."""
-
-    def __init__(self, registry):
-        self.REGISTRY = registry
 
 
 def shrink(config: ml_collections.ConfigDict) -> None:

@@ -27,8 +27,8 @@ Method (DESIGN.md section 5: every claim of speed is a benchmark here, not a tim
   T = n + 1 <= 41 positions: the "length 40" encoder of the issue's baselines (8.3 GFLOP per
   step at 40 tokens). `--w1-task reverse_string` measures the transduction layout instead,
   which reads n symbols and n answer slots (T = 2n <= 80, padded to 96), as the published
-  Haiku code does. The loop
-  is the driver's: `train.shard_batch`, the donated jitted step of `train.make_train_step`,
+  Haiku code does. The loop is the driver's `train.train_loop`: the donated jitted step of
+  `train.make_train_step`,
   metrics fetched one step late, batches generated on the host in the loop. Reported per PE
   (none, sinusoidal, alibi, rope, t5): steady-state steps/s (all shapes compiled), total
   compile seconds and number of compilations for 1000 steps, and the "1000-step equivalent"
@@ -85,7 +85,10 @@ from flax import nnx
 
 import attn.models
 from attn import layers
-from experiments import input_pipeline, tasks, train
+from experiments import mesh as mesh_lib
+from experiments import metrics, optim, tasks, train
+from experiments import state as state_lib
+from experiments.tasks.layouts import format_lm, padded_length
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W1_PES = ("none", "sinusoidal", "alibi", "rope", "t5")
@@ -280,16 +283,12 @@ def w1_config(pe: str, smoke: bool, task: str = W1_TASK):
 
 def _train_setup(config, seed: int = 0):
     """Driver pieces: mesh, model, train state, jitted donated step."""
-    mesh = train.make_mesh(config)
-    tx = train.make_optimizer(config)
-    model = train.build_model(config, seed=seed, mesh=mesh)
-    graphdef, params, rest = train.split_model(model)
-    state = train.init_state(config, graphdef, params, rest, tx)
+    mesh = mesh_lib.make_mesh(config)
+    tx = optim.make_optimizer(config)
+    model = state_lib.build_model(config, seed=seed, mesh=mesh)
+    graphdef, params, rest = state_lib.split_model(model)
+    state = state_lib.init_state(params, rest, tx)
     return mesh, tx, graphdef, state, train.make_train_step(config, graphdef, tx)
-
-
-def _shape_key(batch) -> tuple:
-    return tuple((k, v.shape) for k, v in sorted(batch.items()))
 
 
 def _lengths_needed(task, config, steps: int) -> list[int]:
@@ -297,34 +296,41 @@ def _lengths_needed(task, config, steps: int) -> list[int]:
     layout = attn.models.batch_format(config.model.name, config.model)
     seen: list[int] = []
     for step in range(steps):
-        b = input_pipeline.global_batch(task, layout=layout, seed=0, step=step, batch_size=1)
-        T = b["inputs"].shape[1]
+        T = padded_length(task, layout, task.train_length(0, step))
         if T not in seen:
             seen.append(T)
     return seen
 
 
-def _batch_at_length(task, config, T: int):
+def _batch_at_length(config, T: int):
     """The first pipeline batch of seed 0 whose padded length is T."""
-    layout = attn.models.batch_format(config.model.name, config.model)
-    for step, batch in input_pipeline.train_batches(task, config, layout=layout, seed=0):
+    for step, batch in enumerate(train.host_batches(config, seed=0, start=0)):
         if batch["inputs"].shape[1] == T:
             return batch
         if step > 100_000:
             raise RuntimeError(f"no batch of padded length {T}")
 
 
+def _counted(batches, seen: dict, flops_by_T: dict):
+    """The batches, adding up their tokens and model FLOPs in `seen` as they are generated
+    (inside the timed window, as in the driver)."""
+    for b in batches:
+        seen["tokens"] += int(b["token_mask"].sum())
+        seen["padded"] += b["token_mask"].size
+        seen["flops"] += flops_by_T.get(b["inputs"].shape[1], 0.0)
+        yield b
+
+
 def train_loop(config, *, compile_steps: int, steps: int, repeats: int) -> dict:
-    """The driver's loop on the real pipeline: AOT-compile every shape the first
-    `compile_steps` steps need, then `repeats` timed windows of `steps` steps."""
+    """The driver's loop (train.train_loop) on the real pipeline: AOT-compile every shape the
+    first `compile_steps` steps need, then `repeats` timed windows of `steps` steps."""
     task = tasks.build(config.task)
-    layout = attn.models.batch_format(config.model.name, config.model)
     mesh, _, _, state, step_fn = _train_setup(config)
     compiled, compile_s, first_call_s, flops_by_T, xla_by_T = {}, [], [], {}, {}
     for T in _lengths_needed(task, config, compile_steps):
-        gbatch = train.shard_batch(_batch_at_length(task, config, T), mesh)
+        gbatch = mesh_lib.shard_batch(_batch_at_length(config, T), mesh)
         c0 = time.perf_counter()
-        compiled[_shape_key(gbatch)] = fn = step_fn.lower(state, gbatch).compile()
+        compiled[train.shape_key(gbatch)] = fn = step_fn.lower(state, gbatch).compile()
         c1 = time.perf_counter()
         # The first execution of an executable pays one-off set-up: warm-up, not steady state.
         state, metrics = fn(state, gbatch)
@@ -339,30 +345,27 @@ def train_loop(config, *, compile_steps: int, steps: int, repeats: int) -> dict:
             train_step=True,
         )
         xla_by_T[T] = xla_flops(fn)
-    batches = input_pipeline.train_batches(task, config, layout=layout, seed=0)
+    shapes_ahead = len(compiled)
     rates, flops_rates, token_rates, real_fraction = [], [], [], []
     faults, kernel_ms = [], []
-    late_compiles = 0
+    start = 0
     for _ in range(repeats):
-        pending, flops, tokens, padded = None, 0.0, 0, 0
+        seen = {"tokens": 0, "padded": 0, "flops": 0.0}
         u0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            _, batch = next(batches)
-            tokens += int(batch["token_mask"].sum())
-            padded += batch["token_mask"].size
-            gbatch = train.shard_batch(batch, mesh)
-            key = _shape_key(gbatch)
-            if key not in compiled:  # a shape the first compile_steps steps never met
-                late_compiles += 1
-                compiled[key] = step_fn.lower(state, gbatch).compile()
-            state, metrics = compiled[key](state, gbatch)
-            if pending is not None:
-                jax.device_get(pending)
-            pending = metrics
-            flops += flops_by_T.get(batch["inputs"].shape[1], 0.0)
-        jax.device_get(pending)
+        state, _ = train.train_loop(
+            step_fn,
+            state,
+            _counted(train.host_batches(config, seed=0, start=start), seen, flops_by_T),
+            start=start,
+            total=start + steps,
+            place=lambda b: mesh_lib.shard_batch(b, mesh),
+            hooks=train.LoopHooks(),
+            compiled=compiled,
+        )
+        tokens, padded, flops = seen["tokens"], seen["padded"], seen["flops"]
         dt = time.perf_counter() - t0
+        start += steps
         u1 = resource.getrusage(resource.RUSAGE_SELF)
         faults.append((u1.ru_minflt - u0.ru_minflt) / steps)
         kernel_ms.append(1e3 * (u1.ru_stime - u0.ru_stime) / steps)
@@ -380,7 +383,7 @@ def train_loop(config, *, compile_steps: int, steps: int, repeats: int) -> dict:
         "lengths": sorted(flops_by_T),
         "xla_flops": {str(k): v for k, v in xla_by_T.items()},
         "model_flops": {str(k): v for k, v in flops_by_T.items()},
-        "late_compiles": late_compiles,
+        "late_compiles": len(compiled) - shapes_ahead,
         "page_faults_per_step": faults,
         "kernel_ms_per_step": kernel_ms,
     }
@@ -471,38 +474,43 @@ def lm_config(pe: str, smoke: bool, **model):
 
 
 def _lm_model(config, vocab: int, seed: int = 0):
-    rngs = nnx.Rngs(default=seed, params=seed, dropout=seed + 1, positions=seed + 2)
-    return attn.models.build(config.model, vocab_size=vocab, rngs=rngs)
+    return attn.models.build(config.model, vocab_size=vocab, rngs=state_lib.rngs(seed))
 
 
 def _lm_batch(rng, batch: int, length: int, vocab: int) -> dict:
-    return input_pipeline.format_lm(rng.integers(0, vocab, (batch, length + 1), dtype=np.int32))
+    return format_lm(rng.integers(0, vocab, (batch, length + 1), dtype=np.int32))
+
+
+def _device_batch(batch: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def lm_train(config, *, vocab: int, length: int, steps: int, repeats: int) -> dict:
-    tx = train.make_optimizer(config)
-    graphdef, params, rest = train.split_model(_lm_model(config, vocab))
-    state = train.init_state(config, graphdef, params, rest, tx)
+    tx = optim.make_optimizer(config)
+    graphdef, params, rest = state_lib.split_model(_lm_model(config, vocab))
+    state = state_lib.init_state(params, rest, tx)
     step_fn = train.make_train_step(config, graphdef, tx)
     rng = np.random.default_rng(0)
     host = [_lm_batch(rng, config.train.batch_size, length, vocab) for _ in range(4)]
-    first = {k: jnp.asarray(v) for k, v in host[0].items()}
+    first = _device_batch(host[0])
     c0 = time.perf_counter()
     fn = step_fn.lower(state, first).compile()
     compile_s = time.perf_counter() - c0
-    state, metrics = fn(state, first)
-    jax.device_get(metrics)
+    state, m = fn(state, first)
+    jax.device_get(m)
     rates = []
     for _ in range(repeats):
-        pending = None
         t0 = time.perf_counter()
-        for i in range(steps):
-            batch = {k: jnp.asarray(v) for k, v in host[i % len(host)].items()}
-            state, metrics = fn(state, batch)
-            if pending is not None:
-                jax.device_get(pending)
-            pending = metrics
-        jax.device_get(pending)
+        state, _ = train.train_loop(
+            step_fn,
+            state,
+            (host[i % len(host)] for i in range(steps)),
+            start=0,
+            total=steps,
+            place=_device_batch,
+            hooks=train.LoopHooks(),
+            compiled={train.shape_key(first): fn},
+        )
         rates.append(steps / (time.perf_counter() - t0))
     flops = transformer_flops(
         layers.resolve(attn.models.REGISTRY["decoder"], config.model),
@@ -561,9 +569,9 @@ def long_child(spec: dict) -> dict:
         for k, v in _lm_batch(np.random.default_rng(0), 1, spec["length"], 256).items()
     }
     fn = jax.jit(
-        lambda state, batch: train.loss_and_metrics(nnx.merge(graphdef, state), batch, train=False)[
-            0
-        ]
+        lambda state, batch: metrics.loss_and_metrics(
+            nnx.merge(graphdef, state), batch, train=False
+        )[0]
     )
     rss_before = _max_rss_bytes()
     c0 = time.perf_counter()
@@ -662,15 +670,14 @@ def long(ctx) -> None:
 def _eval_fn(graphdef):
     def sums(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        return train.loss_and_metrics(model, batch, train=False)[1]["nll_sum"]
+        return metrics.loss_and_metrics(model, batch, train=False)[1]["nll_sum"]
 
     return jax.jit(sums)
 
 
 def _task_batch(task, config, n: int, seed: int = 0) -> dict:
     layout = attn.models.batch_format(config.model.name, config.model)
-    x, y, m = task.batch(np.random.default_rng([seed, n]), n, config.train.batch_size)
-    return input_pipeline.format_batch(x + tasks.NUM_SPECIAL, y + tasks.NUM_SPECIAL, m, layout)
+    return task.train_batch(np.random.default_rng([seed, n]), n, config.train.batch_size, layout)
 
 
 def compile_child(spec: dict) -> dict:
@@ -681,7 +688,7 @@ def compile_child(spec: dict) -> dict:
     train.setup_compilation_cache(config, spec["cache_dir"])
     mesh, _, _, state, step_fn = _train_setup(config)
     task = tasks.build(config.task)
-    batch = train.shard_batch(_task_batch(task, config, spec["n"]), mesh)
+    batch = mesh_lib.shard_batch(_task_batch(task, config, spec["n"]), mesh)
     c0 = time.perf_counter()
     lowered = step_fn.lower(state, batch)
     c1 = time.perf_counter()
@@ -704,8 +711,8 @@ def compile_(ctx) -> None:
     n_train, n_eval = (6, 12) if ctx.smoke else (40, 100)
     task = tasks.build(config.task)
     mesh, _, graphdef, state, step_fn = _train_setup(config)
-    tbatch = train.shard_batch(_task_batch(task, config, n_train), mesh)
-    ebatch = train.shard_batch(_task_batch(task, config, n_eval), mesh)
+    tbatch = mesh_lib.shard_batch(_task_batch(task, config, n_train), mesh)
+    ebatch = mesh_lib.shard_batch(_task_batch(task, config, n_eval), mesh)
     eval_fn = _eval_fn(graphdef)
     for name, fn, args in (
         (f"train_step/T{tbatch['inputs'].shape[1]}", step_fn, (state, tbatch)),
@@ -753,14 +760,15 @@ def seeds(ctx) -> None:
     config = w1_config(pe, ctx.smoke, ctx.w1_task)
     n = 4 if ctx.smoke else 20
     task = tasks.build(config.task)
-    mesh = train.make_mesh(config)
-    tx = train.make_optimizer(config)
+    mesh = mesh_lib.make_mesh(config)
+    tx = optim.make_optimizer(config)
     states, graphdef = [], None
     for s in range(num):
-        graphdef, params, rest = train.split_model(train.build_model(config, seed=s, mesh=mesh))
-        states.append(train.init_state(config, graphdef, params, rest, tx))
+        model = state_lib.build_model(config, seed=s, mesh=mesh)
+        graphdef, params, rest = state_lib.split_model(model)
+        states.append(state_lib.init_state(params, rest, tx))
     host = [_task_batch(task, config, n, seed=s) for s in range(num)]
-    batches = [train.shard_batch(b, mesh) for b in host]
+    batches = [mesh_lib.shard_batch(b, mesh) for b in host]
     stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
     stacked = {k: jax.device_put(np.stack([b[k] for b in host]), stacked_sharding) for k in host[0]}
     vstate = jax.tree.map(lambda *xs: jnp.stack(xs), *states)

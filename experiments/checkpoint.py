@@ -1,38 +1,29 @@
-"""Checkpoints, run-directory locking and atomic file writes: what lets a run survive faults.
+"""Checkpoints: an orbax CheckpointManager plus the integrity checks orbax does not have.
 
-A workdir is the run (DESIGN.md section 2), so everything here protects a workdir:
+`Checkpointer` wraps `orbax.checkpoint.CheckpointManager` in `workdir/checkpoints`. Orbax
+does the saving (async), the keep-the-last-N policy, the save interval
+(`save_interval_steps`, asked through `should_save`), the preemption notice of a cluster
+(`reached_preemption`) and the atomic commit (a step is written into
+`<step>.orbax-checkpoint-tmp`, `commit_success.txt` is added, then the directory is renamed,
+so a kill during a save leaves only a tmp directory). On top of it, just before orbax
+commits, we write `attn_manifest.json` (size and SHA-256 of every file) into the step, so a
+step that is later truncated or corrupted on disk is detected at restore: a bad latest step is
+quarantined (renamed to `workdir/checkpoints_quarantine`, never deleted) and the previous good
+step is restored, with one log line saying so. Orbax has neither.
 
-- `Checkpointer` wraps an orbax `CheckpointManager` in `workdir/checkpoints` (async saves,
-  keep the last N). Orbax commits a step by writing it into `<step>.orbax-checkpoint-tmp`,
-  adding `commit_success.txt` and renaming the directory, so a kill during a save leaves only
-  a tmp directory, which is cleaned on the next start. On top of that, just before orbax
-  commits, we write `attn_manifest.json` (size and SHA-256 of every file) into the step, so a
-  step that is later truncated or corrupted on disk is detected at restore. A bad latest step
-  is quarantined (renamed, never deleted) and the previous good step is restored, with one
-  log line saying so.
-- `workdir_lock` keeps a second process off a workdir that is in use (fcntl.flock, which the
-  kernel releases when the holder dies, even by kill -9).
-- `atomic_write_text` / `atomic_write_json` (tmp file in the same directory, fsync,
-  os.replace) so a reader never sees a partial results.json or table; `append_jsonl` writes
-  one whole row per call, and `rewind_jsonl` drops rows past a restored step (and a torn last
-  line) so a resumed run's metrics.jsonl reads as if it had never been interrupted.
-- `RunError`: a one-line, user-facing runtime failure (exit status 1, no traceback).
+A reader (`read_only=True`: eval, generate, compare's attention maps) never deletes or writes
+anything, so it can open the checkpoints of a run that is training.
 
 Orbax: https://orbax.readthedocs.io (CheckpointManager, StandardSave / StandardRestore).
 """
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,242 +32,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from attn.registry import ConfigError
+from experiments.workdir import (
+    RunError,
+    atomic_write_json,
+    ensure_writable_dir,
+    free_bytes,
+    is_disk_full,
+    one_line,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "attn_manifest.json"
 COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 QUARANTINE = "checkpoints_quarantine"
-LOCK_FILE = ".lock"
 # Files orbax rewrites after our manifest is sealed (commit time stamp, commit marker).
 _UNSEALED = {COMMIT_MARKER, "_CHECKPOINT_METADATA"}
 _HASH_CHUNK = 1 << 20
-
-
-class RunError(RuntimeError):
-    """A one-line, user-facing runtime failure: the entry point prints it and exits with 1."""
-
-
-def one_line(error: BaseException | str, limit: int = 240) -> str:
-    """An exception (or text) squeezed onto one line, for messages that must stay one line."""
-    text = error if isinstance(error, str) else (f"{type(error).__name__}: {error}")
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """True if `error` (or anything in its cause chain) says the disk or quota is full."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        # tensorstore and orbax re-raise OS errors as ValueError/RuntimeError text.
-        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # Some filesystems cannot fsync a directory; the rename is still atomic.
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the new one, never a part.
-
-    The text goes to a tmp file in the same directory (same filesystem, so the rename is
-    atomic), is fsynced, then os.replace'd over `path`. A failure leaves `path` untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
-    """atomic_write_text of `obj` as JSON (keys in insertion order, trailing newline)."""
-    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
-
-
-def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    """Append one JSON row to a .jsonl file with a single write, flushed and fsynced.
-
-    One os.write on an O_APPEND descriptor: a kill leaves at most a torn last line, which
-    `read_jsonl` and `rewind_jsonl` skip.
-    """
-    data = (json.dumps(row) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The complete rows of a .jsonl file; a torn line (from a kill mid-append) is skipped."""
-    rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return rows
-    for line in lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            row = json.loads(line)
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
-def rewind_jsonl(
-    path: str | os.PathLike, step: int, *, keep: Callable[[dict], bool] | None = None
-) -> int:
-    """Keep only the rows of `path` with row["step"] <= step (atomically); return how many.
-
-    Called on resume from checkpoint `step`: the rows logged after it will be logged again,
-    so without this a resumed run would have duplicates (and maybe a torn line). `keep`
-    drops more rows that will be logged again, e.g. the final evaluation's rows when the
-    run resumes from its final checkpoint to redo that evaluation.
-    """
-    if not Path(path).exists():
-        return 0
-    rows = [
-        r for r in read_jsonl(path) if int(r.get("step", -1)) <= step and (keep is None or keep(r))
-    ]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return len(rows)
-
-
-def free_bytes(path: str | os.PathLike) -> int:
-    """Free bytes on the filesystem holding `path` (or its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def check_disk_space(path: str | os.PathLike, need_bytes: int) -> None:
-    """RunError if the filesystem of `path` has fewer than `need_bytes` free."""
-    free = free_bytes(path)
-    if free < need_bytes:
-        raise RunError(
-            f"{path}: only {free / 2**20:.1f} MiB free on its filesystem, "
-            f"need at least {need_bytes / 2**20:.1f} MiB"
-        )
-
-
-def ensure_writable_dir(directory: str | os.PathLike, what: str = "workdir") -> Path:
-    """Create `directory` if needed and prove it is writable; RunError (one line) if not."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        reason = e.strerror or one_line(e)
-        if is_disk_full(e):
-            reason = "disk full"
-        raise RunError(f"{what} {directory} is not writable: {reason}") from None
-    return directory
-
-
-# ----------------------------------------------------------------------------- lock
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str | os.PathLike, *, process_index: int = 0) -> Iterator[Path]:
-    """Hold an exclusive lock on `workdir` for the duration of the block.
-
-    Uses fcntl.flock on workdir/.lock (one lock file per JAX process index, so the processes
-    of one multi-process run do not block each other, while a second run on the same workdir
-    is refused). The kernel drops the lock when the holder exits, however it exits, so a
-    stale lock file never blocks a rerun. A second holder gets a one-line RunError naming the
-    process that holds it.
-    """
-    workdir = ensure_writable_dir(workdir)
-    name = LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}"
-    lock_path = workdir / name
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise RunError(
-                f"workdir {workdir} is in use by process {holder} (lock {lock_path})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
-        try:
-            yield lock_path
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class StopSignals:
-    """Turn SIGTERM / SIGINT into a flag the train loop polls, so it can save and exit cleanly.
-
-    Use as a context manager in the main thread. The first signal sets `.received` (the
-    signal name); the loop then saves a checkpoint, calls `Checkpointer.wait()` and exits. A
-    second signal restores the default handler and re-raises it, for a user who insists.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.received is not None:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self.received = signal.Signals(signum).name
-        log.warning("received %s: saving a checkpoint and stopping", self.received)
-
-    def __enter__(self) -> "StopSignals":
-        for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------- checkpoints
 
 
 def _file_digest(path: Path) -> str:
@@ -324,26 +96,44 @@ def verify_step_dir(step_dir: str | os.PathLike) -> str | None:
     return None
 
 
-class _QuietOrbaxErrors(logging.Filter):
-    """Drops orbax's own ERROR logs (with tracebacks) while a Checkpointer is open.
+def _restore_target(x):
+    # Orbax restores a scalar leaf only as a 0-d array.
+    return ocp.utils.to_shape_dtype_struct(np.asarray(x) if np.isscalar(x) else x)
 
-    Every orbax failure reaches the caller of save/wait/restore as a one-line RunError (the
-    orbax exception chained to it), so the user sees that one line instead of two tracebacks
-    logged from orbax's threads.
+
+class _HeldOrbaxErrors(logging.Filter):
+    """Holds back orbax's own ERROR records (logged with tracebacks from its threads) while a
+    save, wait or restore is under way.
+
+    When that operation fails, the caller gets one RunError line (the orbax exception chained
+    to it) and the held records are dropped: they describe the same failure. When it
+    succeeds, they are logged after all, so no orbax error is ever swallowed silently.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.active = False
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if self.active and record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            self.held.append(record)
+            return False
+        return True
 
-
-def _abstract_leaf(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    if isinstance(x, jax.Array):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    if isinstance(x, np.generic | int | float):
-        return np.asarray(x)  # orbax restores scalars only as 0-d arrays
-    return x
+    @contextlib.contextmanager
+    def hold(self):
+        self.active = True
+        try:
+            yield
+        except BaseException:
+            self.held.clear()
+            raise
+        finally:
+            self.active = False
+        held, self.held = self.held, []
+        for record in held:
+            logging.getLogger(record.name).handle(record)
 
 
 class Checkpointer:
@@ -367,26 +157,47 @@ class Checkpointer:
         self,
         workdir: str | os.PathLike,
         *,
-        keep: int,
+        keep: int = 1,
+        every: int = 1,
+        read_only: bool = False,
         async_save: bool = True,
         timeout_secs: int = 1200,
     ):
         if keep < 1:
             raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {keep}")
+        if every < 1:
+            raise ConfigError(f"train.ckpt_every: must be >= 1, got {every}")
         self.workdir = Path(workdir)
-        self.directory = ensure_writable_dir(self.workdir / "checkpoints", "checkpoint directory")
+        self.directory = self.workdir / "checkpoints"
+        if not read_only:
+            ensure_writable_dir(self.directory, "checkpoint directory")
+        elif not self.directory.is_dir():
+            raise RunError(f"no checkpoint in {self.directory}")
+        self.read_only = read_only
         self.async_save = async_save
         self._pending: int | None = None
         self.last_save_seconds: dict[str, float] = {}
         self.last_restore_seconds: float | None = None
         self._last_bytes = 0
         self._save_started = 0.0
-        self._quiet = _QuietOrbaxErrors()
-        logging.getLogger("absl").addFilter(self._quiet)
+        self._held = _HeldOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._held)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
-            cleanup_tmp_directories=True,
+            # Every `every` steps, or when a preemption is noticed (not orbax's default
+            # extra save of the first step of a run).
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+                [
+                    ocp.checkpoint_managers.FixedIntervalPolicy(every),
+                    ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            # A save still being written must not make should_save skip a due step.
+            enable_should_save_is_saving_in_progress_check=False,
+            create=not read_only,
+            read_only=read_only,
+            # A reader must not delete the tmp directory of a save that is under way.
+            cleanup_tmp_directories=not read_only,
             # Always the async checkpointer: post_finalization_callback needs it; a
             # synchronous save is an async one we wait for.
             enable_async_checkpointing=True,
@@ -397,7 +208,7 @@ class Checkpointer:
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
-            logging.getLogger("absl").removeFilter(self._quiet)
+            logging.getLogger("absl").removeFilter(self._held)
             raise RunError(
                 f"checkpoint directory {self.directory} is not usable: {one_line(e)}"
             ) from None
@@ -444,6 +255,15 @@ class Checkpointer:
             f"could not save {what} in workdir {self.workdir} ({one_line(error)}); {intact}"
         )
 
+    def should_save(self, step: int) -> bool:
+        """Orbax's decision: `step` is a multiple of `every`, or a preemption was noticed."""
+        return self._manager.should_save(int(step))
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once the cluster announced a preemption (JAX's preemption notifier, set up by
+        jax.distributed on TPU pods and some schedulers), agreed on by every process."""
+        return self._manager.reached_preemption(int(step))
+
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Save `state` as checkpoint `step`; False if that step already exists.
 
@@ -459,7 +279,8 @@ class Checkpointer:
             self._check_space(step)
             self._pending = step
             self._save_started = time.perf_counter()
-            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+            with self._held.hold():
+                saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
             self.last_save_seconds = {"dispatch": time.perf_counter() - self._save_started}
         except RunError:
             raise
@@ -484,7 +305,8 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until the pending save (if any) has committed; RunError if it failed."""
         try:
-            self._manager.wait_until_finished()
+            with self._held.hold():
+                self._manager.wait_until_finished()
         except Exception as e:
             raise self._save_error(self._pending, e) from e
         if self._pending is not None:
@@ -500,7 +322,7 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
-            logging.getLogger("absl").removeFilter(self._quiet)
+            logging.getLogger("absl").removeFilter(self._held)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -534,14 +356,15 @@ class Checkpointer:
     def restore(self, abstract_state: Any, *, step: int | None = None) -> tuple[Any, int | None]:
         """Restore the newest intact step (or `step`); returns (state, step), or (None, None).
 
-        A latest step that fails verification is quarantined and the previous good one is
-        restored, logging exactly one line:
+        A latest step that fails verification is quarantined (by a writer; a reader only
+        passes over it) and the previous good one is restored, logging exactly one line:
         "checkpoint step N is unreadable (...); falling back to step M". With an explicit
-        `step` there is no fallback: a bad step is a RunError.
+        `step` there is no fallback: a bad step is a RunError. `abstract_state` holds arrays
+        or jax.ShapeDtypeStructs whose shardings say where the restored arrays land.
         """
         self.wait()
         self._manager.reload()
-        abstract = jax.tree.map(_abstract_leaf, abstract_state)
+        abstract = jax.tree.map(_restore_target, abstract_state)
         if step is not None:
             problem = verify_step_dir(self.directory / str(step))
             if problem:
@@ -557,7 +380,7 @@ class Checkpointer:
                 if bad:
                     self._log_fallback(bad, f"falling back to step {candidate}")
                 return restored, candidate
-            if jax.process_index() == 0:
+            if jax.process_index() == 0 and not self.read_only:
                 self.quarantine(candidate, problem)
             bad.append((candidate, problem))
         if bad:
@@ -568,20 +391,21 @@ class Checkpointer:
     def _log_fallback(self, bad: list[tuple[int, str]], then: str) -> None:
         (step, problem), others = bad[0], bad[1:]
         also = f" (also unreadable: {', '.join(str(s) for s, _ in others)})" if others else ""
+        where = (
+            "left in place (read-only)"
+            if self.read_only
+            else f"moved to {self.workdir / QUARANTINE}"
+        )
         log.warning(
-            "checkpoint step %d is unreadable (%s); %s%s; moved to %s",
-            step,
-            problem,
-            then,
-            also,
-            self.workdir / QUARANTINE,
+            "checkpoint step %d is unreadable (%s); %s%s; %s", step, problem, then, also, where
         )
         self._manager.reload()
 
     def _restore_step(self, step: int, abstract: Any) -> Any:
         started = time.perf_counter()
         try:
-            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            with self._held.hold():
+                restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:
             raise RunError(
                 f"checkpoint step {step} in {self.directory} does not fit this run's state "

@@ -4,12 +4,14 @@
         [--attention RUN --length N]
 
 Finds every run directory under the given roots (a directory holding `results.json`, the
-driver's final per-length evaluation; see INTERFACES.md "Run outputs") and writes to --out:
+driver's final per-length evaluation; README "Run outputs") and writes to --out:
 
 - `table.md`, `table.csv`: one row per (task, variant) with the number of runs n, the mean
   and sample standard deviation (ddof=1) over runs of the in-distribution score (mean of the
   metric over evaluation lengths <= the longest training length) and of the
-  out-of-distribution score (lengths beyond it), the best run's OOD score (Deletang et al.
+  out-of-distribution score (lengths beyond it): each run's `summary` from results.json
+  (experiments.metrics.summarize, which also scores any other --metric), the best run's OOD
+  score (Deletang et al.
   2023 report the best run over seeds and learning rates), the mean per evaluation length,
   and the last training loss from `metrics.jsonl`. Runs of a variant that differ in
   something its label does not name (e.g. learning rate) count as runs of that variant.
@@ -43,7 +45,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.checkpoint import atomic_write_text, read_jsonl  # noqa: E402
+from experiments import metrics  # noqa: E402
+from experiments.workdir import atomic_write_text, read_jsonl  # noqa: E402
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
@@ -69,13 +72,18 @@ class Run:
     train_max_length: int
     per_length: dict[int, dict[str, float]]
     metric: str
+    summary: dict = field(default_factory=dict)
     train_loss: float | None = None
 
     def scores(self, metric: str) -> tuple[float | None, float | None]:
-        """(in-distribution, out-of-distribution) mean of `metric` over evaluation lengths."""
-        id_vals = [m[metric] for n, m in self.per_length.items() if n <= self.train_max_length]
-        ood_vals = [m[metric] for n, m in self.per_length.items() if n > self.train_max_length]
-        return _mean(id_vals), _mean(ood_vals)
+        """(in-distribution, out-of-distribution) mean of `metric` over evaluation lengths:
+        the run's own summary for its metric, the same function's answer for another."""
+        summary = self.summary
+        if summary.get("metric") != metric:
+            summary = metrics.summarize(
+                self.per_length, train_max_length=self.train_max_length, metric=metric
+            )
+        return summary.get("id_mean"), summary.get("ood_mean")
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -115,6 +123,7 @@ def load_run(path: Path) -> Run:
         train_max_length=int(results["train_max_length"]),
         per_length=per_length,
         metric=results.get("summary", {}).get("metric", DEFAULT_METRIC),
+        summary=results.get("summary", {}),
         train_loss=last_train_loss(path / METRICS),
     )
 
@@ -417,21 +426,26 @@ def run_attention(run_dir: str | Path, length: int) -> tuple[dict[int, np.ndarra
     import jax.numpy as jnp
 
     import attn.models
-    from experiments import checkpoint, config_utils, input_pipeline, tasks, train
+    from experiments import config_utils, input_pipeline, state, tasks
+    from experiments.workdir import RunError
 
     run_dir = Path(run_dir).absolute()  # orbax refuses relative checkpoint paths
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"--attention: {run_dir} is not a run directory (no config.json)")
     config = config_utils.load_json(str(run_dir / "config.json"))
     try:
-        graphdef, state, _ = train.load_state(config, str(run_dir))
-    except checkpoint.RunError as e:
+        graphdef, train_state, _ = state.load_state(config, str(run_dir))
+    except RunError as e:
         raise FileNotFoundError(f"--attention: {e}") from None
-    model = train.merge_model(graphdef, state)
+    model = state.merge_model(graphdef, train_state)
     task = tasks.build(config.task)
-    layout = attn.models.batch_format(config.model.name, config.model)
     data = input_pipeline.eval_batches(
-        task, config, layout=layout, length=length, data_dir=config.eval.data_dir or None
+        task,
+        layout=attn.models.batch_format(config.model.name, config.model),
+        length=length,
+        batch_size=1,
+        num_examples=config.eval.num_examples,
+        data_dir=config.eval.data_dir or None,
     )
     batch = {k: jnp.asarray(v[:1]) for k, v in next(iter(data)).items()}
     layers = tuple(range(config.model.num_layers))
@@ -439,8 +453,7 @@ def run_attention(run_dir: str | Path, length: int) -> tuple[dict[int, np.ndarra
     real = int(np.asarray(batch["token_mask"][0]).sum())
     weights = {i: np.asarray(w, dtype=np.float32)[0, :, :real, :real] for i, w in maps.items()}
     ids = np.asarray(batch["inputs"][0, :real]).tolist()
-    symbol = (lambda i: chr(i - 4)) if task.family == "text" else (lambda i: str(i - 4))
-    return weights, [_SPECIAL_LABELS.get(i) or symbol(i) for i in ids]
+    return weights, [_SPECIAL_LABELS.get(i) or task.token_label(i) for i in ids]
 
 
 def compare(

@@ -2,13 +2,12 @@
 
 - `parse_arg("task=reverse_string,pe=rope", allowed)`: the `k=v,k=v` structural argument of a
   config file (`--config configs/formal.py:task=reverse_string,pe=rope`), unknown keys rejected.
-- `block(registry_module, name, field, **overrides)`: a `{"name": name, **DEFAULTS}` config block
-  for one registry entry (README "Interfaces"), failing with ConfigError on an unknown name.
+- `block(registry, name, field, **overrides)`: a `{"name": name, **DEFAULTS}` config block
+  for one registry entry (README "Interfaces"), failing with ConfigError on an unknown name
+  or field.
 - `load_json` / `to_json`: the `workdir/config.json` round trip (locked ConfigDict).
 - `describe_error(exc, argv)`: any failure of flag/config parsing -> one user-facing line and the
   exit status (2: bad configuration), so that `experiments/main.py` never prints a traceback.
-- `train_max_length(task_cfg)`: the longest training length of a task block, whatever of the
-  usual spellings the task uses.
 
 Configs follow the ml_collections convention of big_vision and the Flax examples (a
 `get_config(arg)` per file, scalar overrides as `--config.a.b=v`).
@@ -23,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from attn.registry import ConfigError, lookup
+from attn.registry import ConfigError, lookup, merge_defaults
 
 
 def parse_arg(arg: str | None, allowed: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,18 +57,13 @@ def _coerce(key: str, value: str, default: Any) -> Any:
     return value
 
 
-def block(module: Any, name: str, field: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """`{"name": name, **DEFAULTS, **overrides}` for `module.REGISTRY[name]` as a ConfigDict."""
-    cls = lookup(module.REGISTRY, name, field)
-    defaults = dict(getattr(cls, "DEFAULTS", {}))
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"{field}: {name!r} has no field(s) {', '.join(unknown)}; "
-            f"fields: {', '.join(sorted(defaults)) or '(none)'}"
-        )
-    defaults.update(overrides)
-    return ml_collections.ConfigDict({"name": name, **defaults})
+def block(
+    registry: Mapping[str, Any], name: str, field: str, **overrides: Any
+) -> ml_collections.ConfigDict:
+    """`{"name": name, **DEFAULTS, **overrides}` for `registry[name]` as a ConfigDict."""
+    cls = lookup(registry, name, f"{field}.name")
+    merged = merge_defaults(getattr(cls, "DEFAULTS", {}), {"name": name, **overrides}, field)
+    return ml_collections.ConfigDict({"name": name, **merged})
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -88,27 +82,6 @@ def load_json(path: str) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.load(f))
     config.lock()
     return config
-
-
-def train_max_length(task_cfg: Mapping[str, Any]) -> int:
-    """Longest training length of a task block.
-
-    Accepts the spellings tasks use for the training range: `train_max_length`, `max_length`,
-    `train_lengths` as an int, a sequence, or a "1..40" / "1-40" string.
-    """
-    for key in ("train_max_length", "max_train_length", "max_length"):
-        if key in task_cfg and task_cfg[key]:
-            return int(task_cfg[key])
-    spec = task_cfg.get("train_lengths", task_cfg.get("lengths"))
-    if isinstance(spec, int):
-        return spec
-    if isinstance(spec, str):
-        numbers = [int(n) for n in re.findall(r"\d+", spec)]
-        if numbers:
-            return max(numbers)
-    if isinstance(spec, Sequence) and spec:
-        return max(int(n) for n in spec)
-    raise ConfigError("task: no training length found (expected task.train_lengths)")
 
 
 def parse_lengths(values: Sequence[str] | None) -> list[int] | None:

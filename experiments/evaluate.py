@@ -1,4 +1,4 @@
-"""Length-extrapolation evaluation of a run directory at a grid of lengths.
+"""Length-extrapolation evaluation of a model or a run directory at a grid of lengths.
 
   python -m experiments.main --mode eval --workdir runs/rev_alibi [--lengths 40,80,160]
 
@@ -6,25 +6,25 @@ For every nominal length n of the grid (default `eval.lengths="auto"`: 1, 2, 4, 
 longest training length; "task" = the task's own eval_lengths) the fixed evaluation set of
 experiments.input_pipeline.eval_batches is scored with dropout off and positions from the
 sampler's eval mode (`eval.random_positions=true` turns on the sampler's `at_eval`, as the
-Ruoss et al. 2023 reference code does). Per length: loss (mean NLL per scored token),
-token_acc (Deletang et al. 2023 per-sequence accuracy: the fraction of correct output tokens,
-averaged over sequences), seq_acc (exact match, Kazemnejad et al. 2023), ppl = exp(loss) for
-text tasks (Press et al. 2022), the number of sequences and the compilation time of that
-length's shapes (measured with AOT `lower().compile()`; the JAX persistent compilation cache
-is on by default, see train.setup_compilation_cache). The attention implementation is the
-model's `impl` ("auto" picks the chunked kernel where L x S would not fit).
+Ruoss et al. 2023 reference code does). Per length (experiments/metrics.py): loss (mean NLL
+per scored token), token_acc, seq_acc, what the task adds (perplexity for text, Press et al.
+2022), the number of sequences and the compilation time of that length's shapes (AOT
+`lower().compile()`; the JAX persistent compilation cache is on by default, see
+train.setup_compilation_cache). The attention implementation is the model's `impl`.
 
-Outputs: one metrics.jsonl row per length {"step", "split": "eval", "length", ...} and
-workdir/results.json (README "Run outputs"), written atomically, whose summary holds
-the task metric's mean over in-distribution lengths (<= longest training length) and
-out-of-distribution lengths.
+An `Evaluator` compiles each batch shape once per process: the periodic evaluations during
+training and the final one reuse its executables.
 
-Public: `run(workdir, *, lengths=None) -> results`, `evaluate_model(config, model, *, mesh,
-step, lengths, log_row=None) -> {length: metrics}`, `evaluate_and_write(...)`.
+Outputs: one metrics.jsonl row per length {"step", "split": "eval", "length", "ood", ...} and
+workdir/results.json (README "Run outputs"), written atomically, whose summary holds the task
+metric's mean over in-distribution and out-of-distribution lengths (metrics.summarize).
+
+Public: `Evaluator(config, mesh)(state, step=, lengths=, log_row=)`, `evaluate_and_write(...)`,
+`run(workdir, *, lengths=None)`.
 """
 
+import contextlib
 import logging
-import math
 import os
 import time
 
@@ -35,12 +35,11 @@ from flax import nnx
 
 import attn.models
 from attn.registry import ConfigError
-from experiments import checkpoint as ckpt_lib
-from experiments import config_utils, input_pipeline, tasks, train
+from experiments import input_pipeline, mesh, metrics, state, tasks
+from experiments.validate import resolve_eval_lengths, validate
+from experiments.workdir import atomic_write_json, workdir_lock
 
 log = logging.getLogger("attn.evaluate")
-
-SUMS = ("nll_sum", "num_tokens", "token_acc_sum", "exact_sum", "num_seqs")
 
 
 def _eval_config(config):
@@ -49,10 +48,6 @@ def _eval_config(config):
     if "at_eval" in cfg.model.positions:
         cfg.model.positions.at_eval = bool(config.eval.random_positions)
     return cfg
-
-
-def _data_dir(config):
-    return config.eval.data_dir or None
 
 
 def _pad_rows(batch: dict, multiple: int) -> dict:
@@ -66,93 +61,79 @@ def _pad_rows(batch: dict, multiple: int) -> dict:
     }
 
 
-def evaluate_model(config, model, *, mesh, step: int, lengths, log_row=None) -> dict:
-    """Metrics of `model` at each nominal length; one "eval" row per length via log_row."""
-    task = tasks.build(config.task)
-    layout = attn.models.batch_format(config.model.name, config.model)
-    eval_cfg = _eval_config(config)
-    _, state = nnx.split(model)
-    graphdef, _ = nnx.split(train._abstract_model(eval_cfg, config.seed)[1])
+class Evaluator:
+    """Scores models of one config at nominal lengths; one compile per batch shape."""
 
-    def sums(state, batch):
-        _, metrics = train.loss_and_metrics(nnx.merge(graphdef, state), batch, train=False)
-        return {k: metrics[k] for k in SUMS}
+    def __init__(self, config, device_mesh):
+        self.config = config
+        self.mesh = device_mesh
+        self.task = tasks.build(config.task)
+        self.layout = attn.models.batch_format(config.model.name, config.model)
+        graphdef, _ = nnx.split(state.abstract_model(_eval_config(config))[1])
 
-    fn = jax.jit(sums)
-    rows_multiple = mesh.shape["data"] * jax.process_count()
-    max_train = task.max_train_length
-    out = {}
-    compiled = {}
-    for n in lengths:
-        t0 = time.perf_counter()
-        compile_s = 0.0
-        total = None
-        for batch in input_pipeline.eval_batches(
-            task, config, layout=layout, length=n, data_dir=_data_dir(config)
-        ):
-            g = train.shard_batch(_pad_rows(batch, rows_multiple), mesh, local=False)
-            key = tuple((k, v.shape) for k, v in sorted(g.items()))
-            if key not in compiled:
-                c0 = time.perf_counter()
-                compiled[key] = fn.lower(state, g).compile()
-                compile_s += time.perf_counter() - c0
-            part = compiled[key](state, g)
-            total = part if total is None else jax.tree.map(jnp.add, total, part)
-        metrics = _finish(jax.tree.map(float, jax.device_get(total)), task)
-        metrics["compile_s"] = compile_s
-        metrics["eval_s"] = time.perf_counter() - t0
-        out[n] = metrics
-        if log_row is not None:
-            log_row({"step": step, "split": "eval", "length": n, "ood": n > max_train, **metrics})
-        log.info(
-            "eval step %d length %d: loss %.4f token_acc %.4f seq_acc %.4f (compile %.2fs)",
-            step,
-            n,
-            metrics["loss"],
-            metrics["token_acc"],
-            metrics["seq_acc"],
-            compile_s,
-        )
-    return out
+        def sums(model_state, batch):
+            model = nnx.merge(graphdef, model_state)
+            _, m = metrics.loss_and_metrics(model, batch, train=False)
+            return {k: m[k] for k in metrics.SUMS}
 
+        self._fn = jax.jit(sums)
+        self._compiled: dict = {}
+        self._rows_multiple = device_mesh.shape["data"] * jax.process_count()
 
-def _finish(s: dict, task) -> dict:
-    seqs = max(s["num_seqs"], 1.0)
-    loss = s["nll_sum"] / max(s["num_tokens"], 1.0)
-    metrics = {
-        "loss": loss,
-        "token_acc": s["token_acc_sum"] / seqs,
-        "seq_acc": s["exact_sum"] / seqs,
-        "num_examples": int(s["num_seqs"]),
-    }
-    if task.family == "text":
-        metrics["ppl"] = math.exp(min(loss, 700.0))
-    return metrics
+    def __call__(self, model, *, step: int, lengths, log_row=None) -> dict:
+        """{length: metrics} of `model` (a module or its nnx.State); one "eval" row per length
+        through log_row."""
+        model_state = model if isinstance(model, nnx.State) else nnx.split(model)[1]
+        out = {}
+        for n in lengths:
+            t0 = time.perf_counter()
+            compile_s, total = 0.0, None
+            for batch in input_pipeline.eval_batches(
+                self.task,
+                layout=self.layout,
+                length=n,
+                batch_size=self.config.eval.batch_size,
+                num_examples=self.config.eval.num_examples,
+                data_dir=self.config.eval.data_dir or None,
+            ):
+                g = mesh.shard_batch(_pad_rows(batch, self._rows_multiple), self.mesh, local=False)
+                key = tuple((k, v.shape) for k, v in sorted(g.items()))
+                if key not in self._compiled:
+                    c0 = time.perf_counter()
+                    self._compiled[key] = self._fn.lower(model_state, g).compile()
+                    compile_s += time.perf_counter() - c0
+                part = self._compiled[key](model_state, g)
+                total = part if total is None else jax.tree.map(jnp.add, total, part)
+            m = metrics.means(jax.tree.map(float, jax.device_get(total)), self.task)
+            m["compile_s"] = compile_s
+            m["eval_s"] = time.perf_counter() - t0
+            out[n] = m
+            ood = n > self.task.max_train_length
+            if log_row is not None:
+                log_row({"step": step, "split": "eval", "length": n, "ood": ood, **m})
+            log.info(
+                "eval step %d length %d: loss %.4f token_acc %.4f seq_acc %.4f (compile %.2fs)",
+                step,
+                n,
+                m["loss"],
+                m["token_acc"],
+                m["seq_acc"],
+                compile_s,
+            )
+        return out
 
 
-def summarize(per_length: dict, *, train_max_length: int, metric: str) -> dict:
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return float(np.mean(values)) if values else None
-
-    return {
-        "id_mean": mean(m.get(metric) for n, m in per_length.items() if n <= train_max_length),
-        "ood_mean": mean(m.get(metric) for n, m in per_length.items() if n > train_max_length),
-        "metric": metric,
-    }
-
-
-def evaluate_and_write(config, workdir, model, *, mesh, step: int, lengths=None) -> dict:
-    """evaluate_model at the eval grid, then workdir/results.json (process 0)."""
-    lengths = train.resolve_eval_lengths(config, lengths)
-    logger = train.MetricsLogger(workdir)
-    try:
-        per_length = evaluate_model(
-            config, model, mesh=mesh, step=step, lengths=lengths, log_row=logger.row
-        )
-    finally:
-        logger.close()
-    task = tasks.build(config.task)
+def evaluate_and_write(
+    config, workdir, model, *, step: int, evaluator: Evaluator, lengths=None, writer=None
+) -> dict:
+    """The evaluation at the eval grid, then workdir/results.json (process 0). Rows go to
+    `writer` (a metrics.MetricsWriter of workdir; one is opened if None)."""
+    lengths = resolve_eval_lengths(config, lengths)
+    with contextlib.ExitStack() as stack:
+        if writer is None:
+            writer = stack.enter_context(metrics.MetricsWriter(workdir))
+        per_length = evaluator(model, step=step, lengths=lengths, log_row=writer.row)
+    task = evaluator.task
     results = {
         "config": config.to_dict(),
         "task": task.name,
@@ -161,41 +142,32 @@ def evaluate_and_write(config, workdir, model, *, mesh, step: int, lengths=None)
         "step": int(step),
         "train_max_length": task.max_train_length,
         "per_length": {str(n): m for n, m in per_length.items()},
-        "summary": summarize(
+        "summary": metrics.summarize(
             per_length, train_max_length=task.max_train_length, metric=task.metric
         ),
         "random_positions": bool(config.eval.random_positions),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if jax.process_index() == 0:
-        ckpt_lib.atomic_write_json(os.path.join(workdir, "results.json"), _clean(results))
+        atomic_write_json(os.path.join(workdir, "results.json"), metrics.jsonable(results))
     return results
-
-
-def _clean(obj):
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def run(workdir: str, *, lengths=None) -> dict:
     """Evaluate the latest good checkpoint of `workdir` at `lengths` (default: eval.lengths)."""
+    from experiments import config_utils
+
     workdir = os.path.abspath(workdir)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"--workdir: {path} not found; not a run directory (train it first)")
     config = config_utils.load_json(path)
-    train.validate(config, eval_lengths=lengths)
-    with ckpt_lib.workdir_lock(workdir, process_index=jax.process_index()):
-        return _run_locked(config, workdir, lengths)
-
-
-def _run_locked(config, workdir, lengths) -> dict:
-    mesh = train.make_mesh(config)
-    graphdef, state, step = train.load_state(config, workdir, mesh=mesh)
-    model = train.merge_model(graphdef, state)
-    return evaluate_and_write(config, workdir, model, mesh=mesh, step=step, lengths=lengths)
+    validate(config, eval_lengths=lengths)
+    with workdir_lock(workdir, process_index=jax.process_index()):
+        device_mesh = mesh.make_mesh(config)
+        graphdef, train_state, step = state.load_state(config, workdir, mesh=device_mesh)
+        model = state.merge_model(graphdef, train_state)
+        evaluator = Evaluator(config, device_mesh)
+        return evaluate_and_write(
+            config, workdir, model, step=step, evaluator=evaluator, lengths=lengths
+        )

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-PAD, BOS, SEP, EOS = 0, 1, 2, 2
+from experiments.tasks.layouts import BOS, EOS, PAD
 
 
 def _filter_logits(logits_BV, *, top_k: int, top_p: float):
@@ -202,26 +202,6 @@ def score_incremental(model, tokens_BT, src=None, src_mask=None):
     return lls.T
 
 
-def _encode_prompt(task, text: str) -> list[int]:
-    """Text tasks: bytes; symbolic tasks: whitespace-separated symbol indices."""
-    from experiments.tasks import NUM_SPECIAL
-
-    if task.family == "text":
-        return [b + NUM_SPECIAL for b in text.encode("utf-8")]
-    return [int(s) + NUM_SPECIAL for s in text.split()]
-
-
-def _decode_tokens(task, ids) -> str:
-    from experiments.tasks import NUM_SPECIAL
-
-    ids = [int(i) for i in ids]
-    if EOS in ids:
-        ids = ids[: ids.index(EOS)]
-    if task.family == "text":
-        return bytes(i - NUM_SPECIAL for i in ids if i >= NUM_SPECIAL).decode("utf-8", "replace")
-    return " ".join(str(i - NUM_SPECIAL) if i >= NUM_SPECIAL else f"<{i}>" for i in ids)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -235,8 +215,9 @@ def main(argv=None) -> int:
 
     # The driver (and TFDS, orbax) load only here so the library part imports fast.
     import attn.models
-    from experiments import checkpoint as ckpt_lib
-    from experiments import config_utils, tasks, train
+    from attn.registry import ConfigError
+    from experiments import config_utils, state, tasks
+    from experiments.workdir import RunError
 
     path = os.path.join(args.workdir, "config.json")
     if not os.path.exists(path):
@@ -247,17 +228,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"generate: model {config.model.name!r} ({layout} layout) cannot decode")
     task = tasks.build(config.task)
     try:
-        graphdef, state, step = train.load_state(config, os.path.abspath(args.workdir))
-    except ckpt_lib.RunError as e:
+        ids = task.encode(args.prompt)
+        graphdef, train_state, step = state.load_state(config, os.path.abspath(args.workdir))
+    except (ConfigError, RunError) as e:
         raise SystemExit(f"generate: {e}") from None
-    model = train.merge_model(graphdef, state)
-    ids = _encode_prompt(task, args.prompt)
+    model = state.merge_model(graphdef, train_state)
     kw = {}
     if layout == "seq2seq":
         kw = {"src": jnp.asarray([ids], jnp.int32)}
         prompt = [BOS]
     else:
-        prompt = ids if task.family == "text" else ids + [SEP]
+        prompt = task.decoder_prompt(ids)
     tokens, logliks = generate(
         model,
         jnp.asarray([prompt], jnp.int32),
@@ -270,7 +251,7 @@ def main(argv=None) -> int:
     )
     n = int(jnp.sum(tokens[0] != PAD))
     print(f"# step {step}, {n} tokens, log-likelihood {float(jnp.sum(logliks[0])):.3f}")
-    print(args.prompt + ("" if task.family == "text" else " -> ") + _decode_tokens(task, tokens[0]))
+    print(task.render(args.prompt, task.decode(tokens[0])))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Entry point (DESIGN.md section 2): `--mode train --config configs/formal.py:pe=alibi
 --workdir runs/a`, or `--mode eval --workdir runs/a --lengths 40,80,160`. Exit status: 0 done;
-1 runtime failure (checkpoint.RunError); 2 bad configuration (ConfigError or an unloadable
+1 runtime failure (workdir.RunError); 2 bad configuration (ConfigError or an unloadable
 --config: one line, nothing compiled); 128 + signal (130 SIGINT, 143 SIGTERM) after saving a
 checkpoint: the same command resumes. --distributed: jax.distributed.initialize (automatic
 when experiments/multi.py sets JAX_COORDINATOR_ADDRESS)."""
@@ -37,7 +37,8 @@ def _parse(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    from experiments import checkpoint, evaluate, train
+    from experiments import evaluate, mesh, train
+    from experiments.workdir import RunError
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / tfds progress chatter
     f = flags.FLAGS
@@ -45,12 +46,12 @@ def main(argv: list[str]) -> None:
         if not f.workdir:
             raise ConfigError("--workdir: required; the directory of this run")
         lengths = config_utils.parse_lengths(f.lengths)
-        train.init_distributed(f.distributed)
+        mesh.init_distributed(f.distributed)
         if f.mode == "train":
             result = train.run(f.config, f.workdir, eval_lengths=lengths)
         else:
             result = evaluate.run(f.workdir, lengths=lengths)
-    except (ConfigError, checkpoint.RunError) as e:
+    except (ConfigError, RunError) as e:
         _fail(str(e).splitlines()[0], 2 if isinstance(e, ConfigError) else 1)
     sys.exit(128 + result["interrupted"] if result.get("interrupted") else 0)
 

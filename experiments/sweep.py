@@ -55,11 +55,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpoint import atomic_write_json
+from experiments.workdir import DONE, atomic_write_json
 
 DRIVER = (sys.executable, "-m", "experiments.main", "--mode", "train")
 SEEDS_DRIVER = (sys.executable, "-m", "experiments.seeds")
-DONE = "DONE"
 STATUS_FILE = "sweep_status.json"
 LOG_FILE = "sweep.log"
 # Characters kept in a point's directory name; anything else becomes "_".

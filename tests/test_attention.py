@@ -323,4 +323,12 @@ def test_auto_runs_and_logs_once(caplog):
 
 
 def test_impls_listed():
-    assert set(attention.IMPLS) == {"reference", "chunked", "dense", "xla", "cudnn", "auto"}
+    assert set(attention.IMPLS) == {
+        "reference",
+        "chunked",
+        "dense",
+        "xla",
+        "cudnn",
+        "flash",
+        "auto",
+    }

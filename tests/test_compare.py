@@ -28,7 +28,11 @@ def _write_run(path, *, task, variant, seed, acc_by_length, losses=(2.0, 1.5)):
         "step": 100,
         "train_max_length": TRAIN_LEN,
         "per_length": per_length,
-        "summary": {"id_mean": None, "ood_mean": None, "metric": "token_acc"},
+        "summary": {
+            "id_mean": float(np.mean([a for n, a in acc_by_length.items() if n <= TRAIN_LEN])),
+            "ood_mean": float(np.mean([a for n, a in acc_by_length.items() if n > TRAIN_LEN])),
+            "metric": "token_acc",
+        },
         "date": "",
     }
     (path / "results.json").write_text(json.dumps(results))
@@ -106,6 +110,21 @@ def test_table_values_match_independent_statistics(runs, tmp_path, capsys):
     _png_ok(out / "length_curves.png")
     printed = capsys.readouterr().out
     assert "best on parity_check:" in printed and "best on reverse_string:" in printed
+
+
+def test_scores_are_the_summary_evaluate_wrote(tmp_path):
+    """compare ranks by each run's results.json summary (one definition of ID/OOD, in
+    experiments.metrics), not by a second computation of its own."""
+    run = tmp_path / "runs" / "a"
+    _write_run(run, task="t", variant="v", seed=0, acc_by_length={4: 0.5, 16: 0.25})
+    results = json.loads((run / "results.json").read_text())
+    results["summary"]["ood_mean"] = 0.125  # what the run's own evaluation said
+    (run / "results.json").write_text(json.dumps(results))
+    (row,) = compare.summarize([compare.load_run(run)])
+    assert row.ood_mean == 0.125 and row.id_mean == 0.5
+    # Another metric than the summary's is scored by the same function evaluate uses.
+    (row,) = compare.summarize([compare.load_run(run)], metric="loss")
+    assert row.ood_mean == pytest.approx(0.75) and row.id_mean == pytest.approx(0.5)
 
 
 def test_lower_is_better_metric_picks_the_minimum(runs, tmp_path):

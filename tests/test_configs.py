@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import attn.models
 from attn.registry import ConfigError
-from experiments import input_pipeline, tasks, train
+from experiments import mesh as mesh_lib
+from experiments import state as state_lib
+from experiments import train
+from experiments.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
@@ -46,16 +48,12 @@ def test_config_loads_validates_and_steps(path, tmp_path):
     assert load(path).__doc__, f"{path.name} needs a docstring with its command and expectations"
     config = smoke_config(path)
     assert config.is_locked
-    train.validate(config, workdir=str(tmp_path / "run"))
-    mesh = train.make_mesh(config)
-    graphdef, state, tx = train.init_train_state(config, mesh=mesh)
-    task = tasks.build(config.task)
-    layout = attn.models.batch_format(config.model.name, config.model)
-    _, batch = next(
-        input_pipeline.train_batches(task, config, layout=layout, seed=config.seed, start_step=0)
-    )
+    validate(config, workdir=str(tmp_path / "run"))
+    mesh = mesh_lib.make_mesh(config)
+    graphdef, state, tx = state_lib.init_train_state(config, mesh=mesh)
+    batch = next(train.host_batches(config, seed=config.seed, start=0))
     step_fn = train.make_train_step(config, graphdef, tx)
-    state, metrics = step_fn(state, train.shard_batch(batch, mesh))
+    state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh))
     assert int(state["step"]) == 1
     assert np.isfinite(float(metrics["loss"]))
 

@@ -1,4 +1,4 @@
-"""Smoke tests of the experiment driver through its real entry point (DESIGN.md section 6).
+"""Smoke tests of the experiment driver through its real entry point.
 
 One tiny run (`baseline`, a subprocess of `python -m experiments.main` on one CPU device) is
 trained once per module and shared: it is checked for the documented outputs, re-evaluated
@@ -67,18 +67,18 @@ def rows(workdir) -> list[dict]:
 
 
 def reproducible(rs: list[dict]) -> list[dict]:
-    from experiments.train import TIMING_KEYS
+    from experiments.metrics import TIMING_KEYS
 
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
 
 
 def final_params(workdir):
-    from experiments import config_utils, train
+    from experiments import config_utils, state
 
     config = config_utils.load_json(str(Path(workdir) / "config.json"))
     mesh = jax.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
-    _, state, step = train.load_state(config, str(workdir), mesh=mesh)
-    return step, jax.tree.map(host, state)
+    _, train_state, step = state.load_state(config, str(workdir), mesh=mesh)
+    return step, jax.tree.map(host, train_state)
 
 
 def host(x) -> np.ndarray:

@@ -95,7 +95,7 @@ def reproducible_rows(workdir: Path) -> list[dict]:
 
 
 def _close(a, b, rtol) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
         return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-6)
     return a == b
 
@@ -119,7 +119,16 @@ def test_driver_matches_golden_run(tmp_path):
     assert sorted(params) == sorted(golden_params)
     assert [sorted(r) for r in rows] == [sorted(r) for r in golden["rows"]]
     if golden["machine"] == key:
-        assert rows == golden["rows"]
+        # "lr" is the learning rate the optimizer applied, read from its state since the
+        # refactor (optax.inject_hyperparams); before, the host recomputed the schedule
+        # eagerly, which can differ from the jitted value in the last bits (6.0000006e-05 vs
+        # 5.9999998e-05 at step 2). The parameters, compared bit for bit, show the applied
+        # rate did not change.
+        for got, want in zip(rows, golden["rows"], strict=True):
+            assert {k: v for k, v in got.items() if k != "lr"} == {
+                k: v for k, v in want.items() if k != "lr"
+            }
+            assert _close(got.get("lr"), want.get("lr"), 2.0**-21), (got, want)  # a few ulps
         for k, v in golden_params.items():
             assert params[k].dtype == v.dtype and params[k].tobytes() == v.tobytes(), k
     else:

@@ -8,9 +8,8 @@ import pytest
 from attn.registry import ConfigError
 from experiments import input_pipeline as ip
 from experiments import tasks
-from experiments.tasks import BLANK, BOS, EOS, NUM_SPECIAL, SEP
+from experiments.tasks import BLANK, BOS, EOS, NUM_SPECIAL, SEP, layouts
 
-CFG = {"train": {"batch_size": 8}}
 KEYS = {"inputs", "targets", "loss_mask", "token_mask"}
 
 
@@ -29,14 +28,14 @@ def assert_batches_equal(a, b):
 
 
 def test_bucket_length():
-    buckets = {ip.bucket_length(n) for n in range(1, 122)}
+    buckets = {layouts.bucket_length(n) for n in range(1, 122)}
     assert buckets == {16, 24, 32, 48, 64, 96, 128}
     prev = 0
     for n in range(1, 5000):
-        t = ip.bucket_length(n)
+        t = layouts.bucket_length(n)
         assert t >= n and t % 8 == 0 and t >= prev and t < 1.5 * n + 16
         prev = t
-    assert ip.bucket_length(16384) == 16384 and ip.bucket_length(513) == 768
+    assert layouts.bucket_length(16384) == 16384 and layouts.bucket_length(513) == 768
 
 
 def _one(task, n, layout, batch=3, seed=0):
@@ -45,13 +44,13 @@ def _one(task, n, layout, batch=3, seed=0):
         x + NUM_SPECIAL,
         y + NUM_SPECIAL,
         m,
-        ip.format_batch(x + NUM_SPECIAL, y + NUM_SPECIAL, m, layout),
+        layouts.format_batch(x + NUM_SPECIAL, y + NUM_SPECIAL, m, layout),
     )
 
 
 def _check_common(b, real):
     t = b["inputs"].shape[1]
-    assert t == ip.bucket_length(real)
+    assert t == layouts.bucket_length(real)
     assert b["inputs"].dtype == b["targets"].dtype == np.int32
     assert b["loss_mask"].dtype == np.float32 and b["token_mask"].dtype == bool
     assert b["token_mask"][:, :real].all() and not b["token_mask"][:, real:].any()
@@ -96,7 +95,7 @@ def test_seq2seq_layout(n):
     nx, ny = x.shape[1], y.shape[1]
     assert set(b) == KEYS | {"src", "src_mask"}
     _check_common(b, ny)
-    assert b["src"].shape[1] == ip.bucket_length(nx)
+    assert b["src"].shape[1] == layouts.bucket_length(nx)
     np.testing.assert_array_equal(b["src"][:, :nx], x)
     assert b["src_mask"][:, :nx].all() and not b["src_mask"][:, nx:].any()
     assert (b["src"][~b["src_mask"]] == 0).all()
@@ -106,18 +105,18 @@ def test_seq2seq_layout(n):
     np.testing.assert_array_equal(b["loss_mask"][:, :ny], m.astype(np.float32))
 
 
-@pytest.mark.parametrize("layout", ip.LAYOUTS)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_train_batches_deterministic_and_resumable(layout):
     task = build("modular_arithmetic")
-    a = take(ip.train_batches(task, CFG, layout=layout, seed=3), 6)
-    b = take(ip.train_batches(task, CFG, layout=layout, seed=3), 6)
-    resumed = take(ip.train_batches(task, CFG, layout=layout, seed=3, start_step=4), 2)
+    a = take(ip.train_batches(task, batch_size=8, layout=layout, seed=3), 6)
+    b = take(ip.train_batches(task, batch_size=8, layout=layout, seed=3), 6)
+    resumed = take(ip.train_batches(task, batch_size=8, layout=layout, seed=3, start_step=4), 2)
     assert [s for s, _ in a] == list(range(6)) and [s for s, _ in resumed] == [4, 5]
     for (_, x), (_, y) in zip(a, b, strict=True):
         assert_batches_equal(x, y)
     for (_, x), (_, y) in zip(a[4:], resumed, strict=True):
         assert_batches_equal(x, y)
-    other = take(ip.train_batches(task, CFG, layout=layout, seed=4), 6)
+    other = take(ip.train_batches(task, batch_size=8, layout=layout, seed=4), 6)
     assert any(
         x[k].shape != y[k].shape or not np.array_equal(x[k], y[k])
         for (_, x), (_, y) in zip(a, other, strict=True)
@@ -127,18 +126,24 @@ def test_train_batches_deterministic_and_resumable(layout):
 
 def test_one_nominal_length_per_batch():
     task = build("parity_check")
-    for step, b in take(ip.train_batches(task, CFG, layout="encoder", seed=0), 20):
+    for step, b in take(ip.train_batches(task, batch_size=8, layout="encoder", seed=0), 20):
         n = task.train_length(0, step)
         assert (b["token_mask"].sum(1) == n + 1).all()
 
 
 def test_process_sharding_reassembles_global_batch():
     task = build("binary_addition")
-    full = take(ip.train_batches(task, CFG, layout="decoder", seed=1, start_step=2), 3)
+    full = take(ip.train_batches(task, batch_size=8, layout="decoder", seed=1, start_step=2), 3)
     shards = [
         take(
             ip.train_batches(
-                task, CFG, layout="decoder", seed=1, start_step=2, process_index=p, process_count=4
+                task,
+                batch_size=8,
+                layout="decoder",
+                seed=1,
+                start_step=2,
+                process_index=p,
+                process_count=4,
             ),
             3,
         )
@@ -150,20 +155,20 @@ def test_process_sharding_reassembles_global_batch():
             assert shards[0][i][1][k].shape[0] == 2
             np.testing.assert_array_equal(np.concatenate([s[i][1][k] for s in shards]), batch[k])
     with pytest.raises(ConfigError, match="batch_size"):
-        next(ip.train_batches(task, CFG, layout="decoder", seed=1, process_count=3))
+        next(ip.train_batches(task, batch_size=8, layout="decoder", seed=1, process_count=3))
 
 
 def test_few_shapes_over_a_deletang_run():
     task = build("duplicate_string")  # longest outputs: T up to 3 * 40
     shapes = {
         b["inputs"].shape
-        for _, b in take(ip.train_batches(task, CFG, layout="encoder", seed=0), 300)
+        for _, b in take(ip.train_batches(task, batch_size=8, layout="encoder", seed=0), 300)
     }
     assert len(shapes) <= 7
 
 
 def test_layout_errors():
     with pytest.raises(ConfigError, match="layout"):
-        next(ip.train_batches(build("copy"), CFG, layout="lm", seed=0))
+        next(ip.train_batches(build("copy"), batch_size=8, layout="lm", seed=0))
     with pytest.raises(ConfigError, match="layout"):
-        next(ip.train_batches(build("text"), CFG, layout="encoder", seed=0))
+        next(ip.train_batches(build("text"), batch_size=8, layout="encoder", seed=0))

@@ -1,6 +1,6 @@
-"""Tests of attn.layers and attn.sharding: MLP kinds, attention (GQA, self/cross, PE hooks,
+"""Tests of attn.layers: MLP kinds, attention (GQA, self/cross, PE hooks,
 per-block bias callable, KV cache == full forward for every registered PE), blocks, logical
-axis names and their mapping onto a ("data", "model") mesh.
+axis names (their mapping onto a mesh: tests/test_mesh.py).
 """
 
 import jax
@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
 
 import attn.pe
-from attn import layers, sharding
+from attn import layers
 from attn.models import Decoder, EncoderDecoder
 from attn.registry import ConfigError
 
@@ -196,32 +195,6 @@ def test_every_param_has_logical_axes():
     for p in params:
         axes = p.get_metadata()["out_sharding"]
         assert len(axes) == p.get_value().ndim and set(axes) <= allowed, (axes, p.shape)
-
-
-def test_sharding_maps_logical_names_onto_mesh():
-    model = Decoder(
-        {"num_layers": 1, "d_model": D, "num_heads": 4, "num_kv_heads": 1},
-        vocab_size=10,
-        rngs=nnx.Rngs(0),
-    )
-    spec = sharding.logical_spec(model)
-    assert spec["stack"]["blocks"][0]["attn"]["q"]["kernel"].get_value() == PartitionSpec(
-        "embed", "heads", "head_dim"
-    )
-    mesh_spec = sharding.logical_to_mesh(spec)
-    assert mesh_spec["stack"]["blocks"][0]["attn"]["q"]["kernel"].get_value() == PartitionSpec(
-        None, "model", None
-    )
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-    shardings = sharding.mesh_sharding(nnx.state(model), mesh)
-    placed = jax.device_put(nnx.state(model), shardings)
-    q = placed["stack"]["blocks"][0]["attn"]["q"]["kernel"].get_value()
-    assert q.sharding.spec == PartitionSpec(None, "model", None)
-    # vocab 10 on a model axis of 4 and MQA's single kv head cannot split: replicated.
-    assert placed["embedder"]["table"].get_value().sharding.spec == PartitionSpec(None, None)
-    k = placed["stack"]["blocks"][0]["attn"]["k"]["kernel"].get_value()
-    assert k.sharding.spec == PartitionSpec(None, None, None)
-    assert sharding.data_sharding(mesh).spec == PartitionSpec("data")
 
 
 def _dropout_masks(rate, shape, rng="hash", calls=1, seed=0):

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-import attn.models
 from configs import formal
-from experiments import input_pipeline, tasks, train
+from experiments import mesh as mesh_lib
+from experiments import state as state_lib
+from experiments import train
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {"train.steps": 3, "train.log_every": 1, "eval.lengths": "4"}
@@ -47,14 +48,12 @@ def one_process_losses() -> list[float]:
     """The same steps on one device, with the public pieces train.run is made of."""
     config = formal.get_config("smoke=true")
     config.train.mesh.data = 1
-    mesh = train.make_mesh(config)
-    graphdef, state, tx = train.init_train_state(config, mesh=mesh)
+    mesh = mesh_lib.make_mesh(config)
+    graphdef, state, tx = state_lib.init_train_state(config, mesh=mesh)
     step_fn = train.make_train_step(config, graphdef, tx)
-    task = tasks.build(config.task)
-    layout = attn.models.batch_format(config.model.name, config.model)
-    batches = input_pipeline.train_batches(task, config, layout=layout, seed=config.seed)
+    batches = train.host_batches(config, seed=config.seed, start=0)
     out = []
-    for _, (_, batch) in zip(range(OVERRIDES["train.steps"]), batches, strict=False):
-        state, metrics = step_fn(state, train.shard_batch(batch, mesh))
+    for _, batch in zip(range(OVERRIDES["train.steps"]), batches, strict=False):
+        state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh))
         out.append(float(metrics["loss"]))
     return out

@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import checkpoint as ck
+from experiments import workdir as wd
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -176,7 +177,7 @@ def run(workdir: Path, *flags: str, timeout: float = 300, **kw) -> tuple[int, st
 
 
 def train_rows(workdir: Path) -> list[dict]:
-    return [r for r in ck.read_jsonl(workdir / "metrics.jsonl") if r.get("split") == "train"]
+    return [r for r in wd.read_jsonl(workdir / "metrics.jsonl") if r.get("split") == "train"]
 
 
 def last_train_step(workdir: Path) -> int:
@@ -193,7 +194,7 @@ def saving(workdir: Path) -> bool:
 
 
 def evaluating(workdir: Path) -> bool:
-    rows = ck.read_jsonl(workdir / "metrics.jsonl")
+    rows = wd.read_jsonl(workdir / "metrics.jsonl")
     return (
         any(r.get("split") not in ("train", None) for r in rows)
         and not (workdir / "results.json").exists()
@@ -268,8 +269,8 @@ def assert_bit_identical(run_dir: Path, reference: Path) -> None:
 
 def assert_same_metrics(run_dir: Path, reference: Path) -> None:
     """metrics.jsonl reads as if the run had never been interrupted (no duplicate rows)."""
-    rows = strip_timing(ck.read_jsonl(run_dir / "metrics.jsonl"))
-    ref_rows = strip_timing(ck.read_jsonl(reference / "metrics.jsonl"))
+    rows = strip_timing(wd.read_jsonl(run_dir / "metrics.jsonl"))
+    ref_rows = strip_timing(wd.read_jsonl(reference / "metrics.jsonl"))
     keys = [(r["step"], r["split"], r.get("length")) for r in rows]
     ref_keys = [(r["step"], r["split"], r.get("length")) for r in ref_rows]
     extra = [k for k in keys if keys.count(k) > ref_keys.count(k)]
@@ -754,7 +755,7 @@ def test_atomic_compare_tables_are_renamed_into_place(tmp_path, baseline):
 _REWRITER = textwrap.dedent(
     """
     import json, sys
-    from experiments.checkpoint import atomic_write_json
+    from experiments.workdir import atomic_write_json
     i = 0
     while True:
         i += 1
@@ -808,7 +809,7 @@ def test_sharded_run_matches_unsharded_and_resumes_on_another_mesh(tmp_path, bas
     assert code == 0, err[-3000:]
     assert "unreadable" not in err
     _assert_rows_close(
-        ck.read_jsonl(workdir / "metrics.jsonl"), ck.read_jsonl(baseline / "metrics.jsonl")
+        wd.read_jsonl(workdir / "metrics.jsonl"), wd.read_jsonl(baseline / "metrics.jsonl")
     )
     _, arrays = final_arrays(workdir)
     _, ref_arrays = final_arrays(baseline)
@@ -824,5 +825,5 @@ def test_sharded_mesh_shapes_match_unsharded(tmp_path, baseline, data, model):
     code, err = run(workdir, *KILL_FLAGS, *mesh, devices=8)
     assert code == 0, err[-3000:]
     _assert_rows_close(
-        ck.read_jsonl(workdir / "metrics.jsonl"), ck.read_jsonl(baseline / "metrics.jsonl")
+        wd.read_jsonl(workdir / "metrics.jsonl"), wd.read_jsonl(baseline / "metrics.jsonl")
     )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import formal
-from experiments import input_pipeline, seeds, tasks, train
+from experiments import mesh, optim, seeds, train
 
 SEEDS = (0, 1)
 
@@ -49,15 +49,10 @@ def test_vmapped_steps_equal_separate_steps():
     """The core claim, without files: the driver's step under vmap == the step per seed."""
     config = tiny_config()
     configs = [seeds.seed_config(config, s) for s in SEEDS]
-    mesh = train.make_mesh(config)
-    tx = train.make_optimizer(config)
-    graphdef, states = seeds.init_states(configs, mesh, tx)
-    task = tasks.build(config.task)
-    streams = [
-        input_pipeline.train_batches(task, c, layout="encoder", seed=c.seed, start_step=0)
-        for c in configs
-    ]
-    batches = [[next(s)[1] for _ in range(config.train.steps)] for s in streams]
+    tx = optim.make_optimizer(config)
+    graphdef, states = seeds.init_states(configs, mesh.make_mesh(config), tx)
+    streams = [train.host_batches(c, seed=c.seed, start=0) for c in configs]
+    batches = [[next(s) for _ in range(config.train.steps)] for s in streams]
     widths = [[b["inputs"].shape[1] for b in seed_batches] for seed_batches in batches]
     assert widths[0] != widths[1], "the seeds should need padding together"
 
@@ -111,3 +106,18 @@ def test_vmapped_seeds_write_the_same_runs_as_the_driver(tmp_path):
             p.name for p in (alone / "checkpoints").iterdir()
         )
     assert results[0]["per_length"] != results[1]["per_length"]
+
+
+def test_resume_at_the_final_checkpoint_logs_the_final_evaluation_once(tmp_path):
+    """A vmapped run killed after its final checkpoint, during the final evaluation (no DONE),
+    re-evaluates on resume; its metrics.jsonl must then hold each final eval row once."""
+    config = tiny_config()
+    workdirs = [tmp_path / f"seed={s}" for s in SEEDS]
+    seeds.run(config, [str(w) for w in workdirs], list(SEEDS))
+    for wd in workdirs:
+        (wd / "DONE").unlink()  # as if killed before DONE was written
+    seeds.run(config, [str(w) for w in workdirs], list(SEEDS))
+    for wd in workdirs:
+        keys = [(r["step"], r["length"]) for r in _rows(wd, "eval")]
+        assert len(keys) == len(set(keys)), keys
+        assert [r["step"] for r in _rows(wd, "train")] == list(range(1, config.train.steps + 1))

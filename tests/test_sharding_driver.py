@@ -8,9 +8,11 @@ tests/test_reliability.py (sharded vs unsharded, resume on another mesh)."""
 import jax
 import numpy as np
 
-import attn.models
 from configs import formal
-from experiments import input_pipeline, tasks, train
+from experiments import mesh as mesh_lib
+from experiments import state as state_lib
+from experiments import train
+from experiments.validate import validate
 
 STEPS = 3
 
@@ -18,20 +20,18 @@ STEPS = 3
 def losses(data: int, model: int, pe: str = "") -> tuple[list[float], dict[str, str]]:
     config = formal.get_config("smoke=true" + (f",pe={pe}" if pe else ""))
     config.train.mesh.data, config.train.mesh.model = data, model
-    train.validate(config)
-    mesh = train.make_mesh(config)
-    graphdef, state, tx = train.init_train_state(config, mesh=mesh)
+    validate(config)
+    mesh = mesh_lib.make_mesh(config)
+    graphdef, state, tx = state_lib.init_train_state(config, mesh=mesh)
     specs = {
         jax.tree_util.keystr(path): str(x.sharding.spec)
         for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
     }
     step_fn = train.make_train_step(config, graphdef, tx)
-    task = tasks.build(config.task)
-    layout = attn.models.batch_format(config.model.name, config.model)
-    batches = input_pipeline.train_batches(task, config, layout=layout, seed=config.seed)
+    batches = train.host_batches(config, seed=config.seed, start=0)
     out = []
-    for _, (_, batch) in zip(range(STEPS), batches, strict=False):
-        state, metrics = step_fn(state, train.shard_batch(batch, mesh))
+    for _, batch in zip(range(STEPS), batches, strict=False):
+        state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh))
         out.append(float(metrics["loss"]))
     return out, specs
 

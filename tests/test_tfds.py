@@ -28,17 +28,20 @@ def test_environment_has_no_tensorflow():
 
 def test_task_eval_set_builds_and_reads_back(tmp_path):
     task = tasks.build({"name": "binary_addition"})
-    cfg = {"eval": {"batch_size": 4, "num_examples": 10, "seed": 5}}
-    batches = list(ip.eval_batches(task, cfg, layout="encoder", length=9, data_dir=tmp_path))
+    batches = list(
+        ip.eval_batches(
+            task, layout="encoder", length=9, batch_size=4, num_examples=10, data_dir=tmp_path
+        )
+    )
     assert [b["inputs"].shape[0] for b in batches] == [4, 4, 2]
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     for i in range(10):
-        ex = task.example(5, i, 9)
+        ex = task.example(ip.EVAL_SEED, i, 9)
         np.testing.assert_array_equal(rows["inputs"][i, :9], ex["input"])
         np.testing.assert_array_equal(rows["targets"][i, 9:19], ex["output"])
         np.testing.assert_array_equal(rows["loss_mask"][i, 9:19], ex["output_mask"])
     builder = tfds_builders.task_eval_builder(
-        task, length=9, num_examples=10, seed=5, data_dir=tmp_path
+        task, length=9, num_examples=10, seed=ip.EVAL_SEED, data_dir=tmp_path
     )
     assert builder.is_prepared() and str(builder.version) == "1.0.0"
     assert list(tmp_path.glob("attn_task_eval/*/1.0.0/*.array_record-*"))
@@ -47,23 +50,23 @@ def test_task_eval_set_builds_and_reads_back(tmp_path):
 
 
 def test_task_eval_set_is_cached_and_keyed_by_fields(tmp_path, monkeypatch):
-    cfg = {"eval": {"batch_size": 8, "num_examples": 8}}
+    cfg = {"batch_size": 8, "num_examples": 8}
     task = tasks.build({"name": "parity_check"})
-    first = list(ip.eval_batches(task, cfg, layout="decoder", length=5, data_dir=tmp_path))
+    first = list(ip.eval_batches(task, layout="decoder", length=5, data_dir=tmp_path, **cfg))
 
     def fail(self):
         raise AssertionError("rebuilt a prepared dataset")
 
     monkeypatch.setattr(tfds_builders.AttnTaskEval, "_generate_examples", fail)
-    again = list(ip.eval_batches(task, cfg, layout="decoder", length=5, data_dir=tmp_path))
+    again = list(ip.eval_batches(task, layout="decoder", length=5, data_dir=tmp_path, **cfg))
     np.testing.assert_array_equal(first[0]["inputs"], again[0]["inputs"])
     monkeypatch.undo()
     shorter = tasks.build({"name": "parity_check", "max_length": 20})  # same examples
-    list(ip.eval_batches(shorter, cfg, layout="decoder", length=5, data_dir=tmp_path))
+    list(ip.eval_batches(shorter, layout="decoder", length=5, data_dir=tmp_path, **cfg))
     assert len(list(tmp_path.glob("attn_task_eval/*"))) == 1
     for queries in (4, 2):
         recall = tasks.build({"name": "associative_recall", "num_queries": queries})
-        list(ip.eval_batches(recall, cfg, layout="decoder", length=5, data_dir=tmp_path))
+        list(ip.eval_batches(recall, layout="decoder", length=5, data_dir=tmp_path, **cfg))
     assert len(list(tmp_path.glob("attn_task_eval/*"))) == 3
 
 
@@ -120,16 +123,20 @@ def test_text_batches(tmp_path, corpus):
     train = task.stream("train")
     assert (train == EOS).sum() == sum(tfds_builders.text_split(p) == "train" for p in texts)
     assert train.min() >= 0 and train.max() < task.vocab_size
-    cfg = {"train": {"batch_size": 4}, "eval": {"batch_size": 3, "num_examples": 1000}}
-    (_, b0), (_, b1) = itertools.islice(ip.train_batches(task, cfg, layout="decoder", seed=0), 2)
-    again = next(ip.train_batches(task, cfg, layout="decoder", seed=0, start_step=1))[1]
+    stream = ip.train_batches(task, batch_size=4, layout="decoder", seed=0)
+    (_, b0), (_, b1) = itertools.islice(stream, 2)
+    again = next(ip.train_batches(task, batch_size=4, layout="decoder", seed=0, start_step=1))[1]
     np.testing.assert_array_equal(b1["inputs"], again["inputs"])
     assert b0["inputs"].shape == (4, 16) and b0["loss_mask"].all()
     np.testing.assert_array_equal(b0["inputs"][:, 1:], b0["targets"][:, :-1])
     joined = train.tobytes()
     for row in np.concatenate([b0["inputs"], b0["targets"][:, -1:]], 1):
         assert row.astype(np.int32).tobytes() in joined  # a contiguous window
-    evals = list(ip.eval_batches(task, cfg, layout="decoder", length=16, data_dir=tmp_path))
+    evals = list(
+        ip.eval_batches(
+            task, layout="decoder", length=16, batch_size=3, num_examples=1000, data_dir=tmp_path
+        )
+    )
     stream = task.stream("validation", str(tmp_path))
     chunks = np.concatenate([b["inputs"] for b in evals])
     assert len(chunks) >= 2

@@ -1,8 +1,14 @@
-"""Task base class, special token ids and training-length distributions.
+"""Task base class and training-length distributions.
 
 A task maps a nominal length n to batches of (input, output, output_mask) in *task-symbol
-space* (0..alphabet_size-1); `experiments.input_pipeline` shifts them by NUM_SPECIAL and lays
-them out for the encoder / decoder / seq2seq batch formats of the README ("Interfaces").
+space* (0..alphabet_size-1), and carries everything else that depends on what it is, so no
+module outside experiments/tasks asks a task for its kind:
+- batches: `train_batch` (shifted by NUM_SPECIAL and laid out by experiments.tasks.layouts),
+  `sequence_length` (real tokens in a layout), `eval_source` / `eval_batch` (the fixed
+  evaluation set, a TFDS dataset built locally);
+- metrics: `extra_metrics` (what an evaluation reports beyond loss and accuracies);
+- text: `encode` / `decode` / `decoder_prompt` / `render` for generation, `token_label` for
+  attention-map axes.
 
 Determinism: `example(seed, index, length)` draws from
 `np.random.default_rng([seed, index, length, task_id, EXAMPLE_STREAM])`, so the same
@@ -22,10 +28,8 @@ import zlib
 import numpy as np
 
 from attn.registry import ConfigError
-
-PAD, BOS, SEP, BLANK = 0, 1, 2, 3
-EOS = SEP
-NUM_SPECIAL = 4
+from experiments.tasks import layouts
+from experiments.tasks.layouts import BLANK, BOS, EOS, NUM_SPECIAL, PAD, SEP  # noqa: F401
 
 EXAMPLE_STREAM = 1
 BATCH_STREAM = 2
@@ -173,6 +177,74 @@ class Task:
         assert x.shape == (batch, self.input_length(n)), (self.NAME, x.shape)
         assert y.shape == m.shape == (batch, self.output_length(n)), (self.NAME, y.shape)
         return x, y, m
+
+    # -- batches
+
+    def sequence_length(self, n: int, layout: str) -> int:
+        """Real tokens of an example of nominal length n in `layout` (before bucketing)."""
+        x, y = self.input_length(n), self.output_length(n)
+        if layout == "decoder":
+            return x + y + 1  # separator; EOS is a target only
+        if layout == "seq2seq":
+            return max(x, y)
+        return x + y
+
+    def train_batch(self, rng: np.random.Generator, n: int, batch_size: int, layout: str):
+        """A training batch of nominal length n, laid out for the model."""
+        x, y, m = self.batch(rng, n, batch_size)
+        return layouts.format_batch(x + NUM_SPECIAL, y + NUM_SPECIAL, m, layout)
+
+    def eval_source(self, length: int, *, num_examples: int, seed: int, data_dir=None):
+        """Random-access records of the fixed evaluation set at `length` (TFDS, built on
+        first use: experiments/tasks/tfds_builders.py)."""
+        from experiments.tasks import tfds_builders  # TFDS takes ~1 s to import
+
+        return tfds_builders.task_eval_source(
+            self, length=length, num_examples=num_examples, seed=seed, data_dir=data_dir
+        )
+
+    def eval_batch(self, records: list[dict], layout: str) -> dict:
+        """Records of `eval_source` -> one batch laid out for the model."""
+        b = {k: np.stack([r[k] for r in records]) for k in records[0]}
+        return layouts.format_batch(b["input"], b["output"], b["output_mask"], layout)
+
+    def extra_metrics(self, metrics: dict) -> dict:
+        """Metrics beyond loss / token_acc / seq_acc that an evaluation reports."""
+        del metrics
+        return {}
+
+    # -- text
+
+    def encode(self, text: str) -> list[int]:
+        """A prompt typed by a person: whitespace-separated symbol indices."""
+        try:
+            symbols = [int(s) for s in text.split()]
+        except ValueError:
+            symbols = None
+        top = self.alphabet_size - 1
+        if not symbols or not all(0 <= s <= top for s in symbols):
+            raise ConfigError(
+                f"--prompt: {text!r}; task {self.NAME!r} takes symbol indices 0..{top} "
+                "separated by spaces, e.g. '0 1 1'"
+            )
+        return [s + NUM_SPECIAL for s in symbols]
+
+    def decode(self, ids) -> str:
+        """Token ids up to the first EOS as text (symbol indices; <n> for special ids)."""
+        ids = [int(i) for i in ids]
+        if EOS in ids:
+            ids = ids[: ids.index(EOS)]
+        return " ".join(str(i - NUM_SPECIAL) if i >= NUM_SPECIAL else f"<{i}>" for i in ids)
+
+    def decoder_prompt(self, ids: list[int]) -> list[int]:
+        """What a decoder is fed before it answers: the input and the separator."""
+        return ids + [SEP]
+
+    def render(self, prompt: str, completion: str) -> str:
+        return f"{prompt} -> {completion}"
+
+    def token_label(self, token_id: int) -> str:
+        return str(token_id - NUM_SPECIAL)
 
     def _example_rng(self, seed: int, index: int, length: int) -> np.random.Generator:
         return np.random.default_rng([seed, index, length, self.id, EXAMPLE_STREAM])

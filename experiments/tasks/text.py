@@ -12,8 +12,11 @@ the batch generator of (seed, step). Evaluation chunk i covers tokens [iL, (i+1)
 eval split's stream (L inputs, L targets).
 """
 
+import math
+
 import numpy as np
 
+from experiments.tasks import layouts
 from experiments.tasks.base import EOS, NUM_SPECIAL, Task
 
 BYTES = 256
@@ -97,6 +100,41 @@ class TextLM(Task):
 
     def eval_chunks(self, length: int, *, data_dir=None, limit: int | None = None) -> _Chunks:
         return _Chunks(self.stream(self.cfg["eval_split"], data_dir), length, limit)
+
+    def sequence_length(self, n, layout):
+        return n
+
+    def train_batch(self, rng, n, batch_size, layout):
+        return layouts.format_lm(self.train_windows(rng, n, batch_size))
+
+    def eval_source(self, length, *, num_examples, seed, data_dir=None):
+        """Press et al.'s evaluation: the non-overlapping chunks of the eval split."""
+        del seed
+        return self.eval_chunks(length, data_dir=data_dir, limit=num_examples)
+
+    def eval_batch(self, records, layout):
+        return layouts.format_lm(np.stack(records))
+
+    def extra_metrics(self, metrics):
+        return {"ppl": math.exp(min(metrics["loss"], 700.0))}
+
+    def encode(self, text):
+        return [b + NUM_SPECIAL for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        if EOS in ids:
+            ids = ids[: ids.index(EOS)]
+        return bytes(i - NUM_SPECIAL for i in ids if i >= NUM_SPECIAL).decode("utf-8", "replace")
+
+    def decoder_prompt(self, ids):
+        return ids
+
+    def render(self, prompt, completion):
+        return prompt + completion
+
+    def token_label(self, token_id):
+        return chr(token_id - NUM_SPECIAL)
 
     def sample(self, rng, n, batch):
         raise TypeError("text: use train_windows / eval_chunks (no input/output pairs)")

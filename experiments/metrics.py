@@ -1,0 +1,163 @@
+"""Metrics: the loss, the sums evaluation adds up, their means, the ID/OOD summary, and the one
+writer of metrics.jsonl and TensorBoard.
+
+- `loss_and_metrics(model, batch, *, train) -> (loss, metrics)`: masked cross-entropy over
+  `loss_mask`; metrics hold batch means (`loss`, `token_acc`, `seq_acc`) and the sums an
+  evaluation adds up over batches (`SUMS`). token_acc is Deletang et al.'s per-sequence
+  accuracy (fraction of correct output tokens, averaged over sequences); seq_acc is exact
+  match (Kazemnejad et al. 2023).
+- `means(sums, task)`: the per-length metrics of an evaluation from its sums, plus what the
+  task adds (`Task.extra_metrics`: perplexity for text).
+- `summarize(per_length, train_max_length=, metric=)`: the mean of `metric` over the
+  in-distribution lengths (<= the longest training length) and the out-of-distribution ones:
+  the `summary` of results.json, which compare reads.
+- `train_row(step, metrics, timing)`: the metrics.jsonl row of a training step.
+- `MetricsWriter`: metrics.jsonl rows, TensorBoard scalars and the console, on process 0.
+"""
+
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.workdir import append_jsonl
+
+log = logging.getLogger("attn.metrics")
+
+SUMS = ("nll_sum", "num_tokens", "token_acc_sum", "exact_sum", "num_seqs")
+# Fields of metrics.jsonl rows that are wall-clock measurements (never reproducible).
+TIMING_KEYS = ("steps_per_s", "tokens_per_s", "eta_s", "compile_s", "elapsed_s", "eval_s")
+# Per-step values a train row reports (means over the batch, and the optimizer's).
+TRAIN_KEYS = ("loss", "token_acc", "seq_acc", "grad_norm", "lr", "skipped")
+
+
+def loss_and_metrics(model, batch: dict, *, train: bool):
+    """Masked cross-entropy over batch["loss_mask"] and accuracy sums (module docstring)."""
+    logits = model(batch, train=train).astype(jnp.float32)
+    targets = batch["targets"]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll_sum = jnp.sum(nll * mask)
+    num_tokens = jnp.sum(mask)
+    loss = nll_sum / jnp.maximum(num_tokens, 1.0)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * mask
+    per_seq = jnp.sum(mask, -1)
+    scored = (per_seq > 0).astype(jnp.float32)
+    seq_correct = jnp.sum(correct, -1)
+    token_acc_sum = jnp.sum(seq_correct / jnp.maximum(per_seq, 1.0) * scored)
+    exact_sum = jnp.sum((seq_correct == per_seq).astype(jnp.float32) * scored)
+    num_seqs = jnp.sum(scored)
+    metrics = {
+        "loss": loss,
+        "token_acc": token_acc_sum / jnp.maximum(num_seqs, 1.0),
+        "seq_acc": exact_sum / jnp.maximum(num_seqs, 1.0),
+        "nll_sum": nll_sum,
+        "num_tokens": num_tokens,
+        "token_acc_sum": token_acc_sum,
+        "exact_sum": exact_sum,
+        "num_seqs": num_seqs,
+    }
+    return loss, metrics
+
+
+def means(sums: dict, task) -> dict:
+    """Per-length evaluation metrics from the sums of all its batches."""
+    seqs = max(sums["num_seqs"], 1.0)
+    loss = sums["nll_sum"] / max(sums["num_tokens"], 1.0)
+    metrics = {
+        "loss": loss,
+        "token_acc": sums["token_acc_sum"] / seqs,
+        "seq_acc": sums["exact_sum"] / seqs,
+        "num_examples": int(sums["num_seqs"]),
+    }
+    return {**metrics, **task.extra_metrics(metrics)}
+
+
+def summarize(per_length: dict, *, train_max_length: int, metric: str) -> dict:
+    """{"id_mean", "ood_mean", "metric"} of per_length {length: {metric: value}}."""
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    return {
+        "id_mean": mean(m.get(metric) for n, m in per_length.items() if int(n) <= train_max_length),
+        "ood_mean": mean(m.get(metric) for n, m in per_length.items() if int(n) > train_max_length),
+        "metric": metric,
+    }
+
+
+def train_row(step: int, metrics: dict, timing: dict) -> dict:
+    """The metrics.jsonl row of training step `step` (host values)."""
+    row = {"step": step, "split": "train", "length": None}
+    row.update({k: metrics[k] for k in TRAIN_KEYS})
+    row["skipped"] = int(row["skipped"])
+    return {**row, **timing}
+
+
+def jsonable(v: Any) -> Any:
+    """A JSON value: numpy and JAX scalars as Python numbers, non-finite floats as null."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray | np.generic | jax.Array):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    """metrics.jsonl rows, TensorBoard scalars and the console, on process 0 only."""
+
+    def __init__(self, workdir: str, total_steps: int | None = None, start_step: int = 0):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.main = jax.process_index() == 0
+        self.tb = None
+        self.bar = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            if total_steps is not None and sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step")
+
+    def row(self, row: dict) -> None:
+        if not self.main:
+            return
+        clean = jsonable(row)
+        append_jsonl(self.path, clean)
+        tag = row["split"] if row.get("length") is None else f"{row['split']}/{row['length']}"
+        for k, v in clean.items():
+            if k not in ("step", "split", "length") and isinstance(v, float | int):
+                self.tb.add_scalar(f"{tag}/{k}", v, row["step"])
+
+    def progress(self, step: int, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+        else:
+            log.info("step %d: %s", step, text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,96 @@
+"""Every configuration check that can fail, before anything is compiled, and the eval grid.
+
+- `validate(config, *, workdir=None, eval_lengths=None)`: ConfigError (one line naming the
+  field and what is allowed) for anything the run would trip over later: task and model
+  layouts, training and evaluation fields, the optimizer and schedule blocks, the model block
+  at the longest padded length any batch will have, and the mesh.
+- `resolve_eval_lengths(config, lengths=None, *, during_training=False)`: the lengths an
+  evaluation runs at.
+"""
+
+import jax
+
+import attn.models
+from attn.registry import ConfigError, lookup, require
+from experiments import mesh, optim, tasks
+from experiments.tasks.layouts import padded_length
+from experiments.workdir import RunError, ensure_writable_dir
+
+
+def resolve_eval_lengths(config, lengths=None, *, during_training=False) -> list[int]:
+    """The eval grid: explicit lengths, "auto" (1, 2, 4, 8, 16 x the longest training length),
+    or "task" (the task's own eval_lengths). During training: `train.eval_lengths`
+    ("auto": 1x and 2x the longest training length)."""
+    task = tasks.build(config.task)
+    n = task.max_train_length
+    spec = lengths
+    if spec is None:
+        spec = config.train.eval_lengths if during_training else config.eval.lengths
+    field = "train.eval_lengths" if during_training else "eval.lengths"
+    if isinstance(spec, str):
+        if spec == "auto":
+            return [n, 2 * n] if during_training else [n * k for k in (1, 2, 4, 8, 16)]
+        if spec == "task":
+            return [int(v) for v in task.cfg["eval_lengths"]]
+        try:
+            spec = [int(v) for v in spec.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"{field}: {spec!r}; 'auto', 'task' or e.g. '40,80,160'") from None
+    spec = [int(v) for v in spec]
+    require(bool(spec), field, "no lengths; 'auto', 'task' or e.g. '40,80,160'")
+    require(min(spec) > 0, field, f"length {min(spec)} <= 0; lengths must be positive")
+    return spec
+
+
+def validate(config, *, workdir: str | None = None, eval_lengths=None) -> None:
+    """Every configuration check that can fail, before anything is compiled."""
+    task = tasks.build(config.task)
+    layout = attn.models.batch_format(config.model.name, config.model)
+    if layout not in task.layouts:
+        raise ConfigError(
+            f"model.name: {config.model.name!r} eats the {layout!r} layout, which task "
+            f"{task.name!r} does not provide; layouts: {', '.join(task.layouts)}"
+        )
+    t = config.train
+    require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
+    require(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
+    for field in ("log_every", "ckpt_every"):
+        require(t[field] > 0, f"train.{field}", f"must be positive, got {t[field]}")
+    require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
+    require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    for field, registry, block in (
+        ("train.optimizer", optim.OPTIMIZERS, t.optimizer),
+        ("train.schedule", optim.SCHEDULES, t.schedule),
+    ):
+        want = set(lookup(registry, block.name, f"{field}.name").DEFAULTS) | {"name"}
+        require(
+            set(block.keys()) == want,
+            field,
+            f"fields {sorted(block.keys())} do not match {block.name!r}; expected "
+            f"{sorted(want)} (pick it with the config arg, not an override)",
+        )
+    require(t.optimizer.lr > 0, "train.optimizer.lr", f"must be positive, got {t.optimizer.lr}")
+    require(
+        config.eval.batch_size > 0, "eval.batch_size", f"must be positive: {config.eval.batch_size}"
+    )
+    lengths = resolve_eval_lengths(config, eval_lengths)
+    if t.eval_every:
+        lengths = lengths + resolve_eval_lengths(config, during_training=True)
+    longest = max(padded_length(task, layout, n) for n in [task.max_train_length, *lengths])
+    attn.models.validate(config.model, vocab_size=task.vocab_size, max_length=longest)
+    data, _ = mesh.mesh_shape(config)
+    require(
+        t.batch_size % data == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by the mesh data axis ({data})",
+    )
+    require(
+        t.batch_size % jax.process_count() == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by the process count ({jax.process_count()})",
+    )
+    if workdir is not None:
+        try:
+            ensure_writable_dir(workdir)
+        except RunError as e:
+            raise ConfigError(f"--workdir: {e}") from None
