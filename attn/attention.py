@@ -5,7 +5,7 @@ with scale = 1/sqrt(K) by default. Grouped-query attention (Ainslie et al. 2023,
 2019, MQA) shares each key/value head among H // G contiguous query heads: query head h reads
 kv head h // (H // G), as in JAX, Flax and MaxText.
 
-Contract (DESIGN.md section 3): causal and window masks are aligned bottom-right (query i is
+Contract (README "Interfaces"): causal and window masks are aligned bottom-right (query i is
 at key position S - L + i), logits and softmax are float32 whatever the input dtype, masking
 uses `where` with a finite large negative, and a fully masked query row returns zeros. `bias`
 is an array broadcastable to BHLS or a callable `bias_fn(q_idx, k_idx)` on int32 row/column
@@ -182,14 +182,20 @@ class _Plan:
     H: int
     bq: int
     bk: int
-    nq: int
-    nk: int
     scale: float
     causal: bool
     window: int | None
     bias_fn: Callable | None  # closure-converted: bias_fn(q_idx, k_idx, *consts)
     bias_sliced: tuple[bool, bool]  # whether the array bias has a full L / S axis
     mask_sliced: tuple[bool, bool]
+
+    @property
+    def nq(self) -> int:
+        return -(-self.L // self.bq)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.S // self.bk)
 
     def key_blocks(self, i):
         """[first, last) key blocks that query block i can see under the causal/window mask."""
@@ -498,8 +504,6 @@ def chunked_attention(
         H=H,
         bq=bq,
         bk=bk,
-        nq=nq,
-        nk=nk,
         scale=default_scale(scale, K),
         causal=causal,
         window=window,

@@ -13,7 +13,8 @@
   2020); `cross_pe=True` applies the self-attention PE's hooks to it.
 
 Every parameter carries logical axis names in its `out_sharding` metadata (with eager sharding
-off, so modules build without a mesh); `attn.sharding` maps them onto a device mesh.
+off, so modules build without a mesh: attn/params.py); experiments/mesh.py maps them onto a
+device mesh.
 
 Positional encodings are passed to the attention call, not owned by it, so one PE instance is
 shared by every layer (T5 shares its relative bias across layers) and by the embedding hook.
@@ -41,22 +42,18 @@ import attn.kernels
 import attn.pe
 import attn.positions
 import attn.scoring
-from attn.registry import ConfigError, lookup, require
+from attn.params import param
+from attn.registry import ConfigError, as_dict, lookup, merge_defaults, require
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_PLACEMENTS = {"pre": False, "post": True}  # value: whether the norm follows the residual
 
 
-def as_dict(cfg) -> dict:
-    """A config block (dict or ConfigDict) as a plain dict."""
-    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-
-
 def sub_config(registry, block, field: str) -> dict:
     """A registry block with the entry's DEFAULTS filled in under the user's values."""
-    block = as_dict(block)
-    cls = lookup(registry, block["name"], field)
-    return {"name": block["name"], **getattr(cls, "DEFAULTS", {}), **block}
+    name = as_dict(block)["name"]
+    cls = lookup(registry, name, f"{field}.name")
+    return {"name": name, **merge_defaults(getattr(cls, "DEFAULTS", {}), block, field)}
 
 
 SUB_REGISTRIES = {
@@ -73,17 +70,11 @@ def resolve(model_cls, cfg) -> dict:
     for key, default in model_cls.DEFAULTS.items():
         value = cfg.get(key, default)
         if key in SUB_REGISTRIES:
-            value = sub_config(SUB_REGISTRIES[key], value, f"model.{key}.name")
+            value = sub_config(SUB_REGISTRIES[key], value, f"model.{key}")
         elif isinstance(default, Mapping):
             value = {**default, **as_dict(value)}
         out[key] = value
     return out
-
-
-def param(rngs: nnx.Rngs, init, shape, axes, dtype=jnp.float32) -> nnx.Param:
-    """An nnx.Param with logical axis names (no mesh needed at construction)."""
-    require(len(shape) == len(axes), "param", f"shape {shape} vs logical axes {axes}")
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 def fan_in_init(fan_in: int):
@@ -290,12 +281,12 @@ class MLP(nnx.Module):
         self.down = Dense((mlp_dim,), (d_model,), ("mlp", "embed"), rngs=rngs, dtype=dtype)
         self.dropout = Dropout(dropout, rng=dropout_rng, rngs=rngs)
 
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x_BLD, *, train: bool):
         if self.gate is None:
-            h = self.activation(self.up(x))
+            h_BLF = self.activation(self.up(x_BLD))
         else:
-            h = self.activation(self.gate(x)) * self.up(x)
-        return self.down(self.dropout(h, deterministic=not train))
+            h_BLF = self.activation(self.gate(x_BLD)) * self.up(x_BLD)
+        return self.down(self.dropout(h_BLF, deterministic=not train))
 
 
 def pe_class(cfg: Mapping[str, Any]):
@@ -543,30 +534,33 @@ class Block(nnx.Module):
         self.mlp_norm = LayerNorm(d_model, rngs=rngs)
         self.dropout = Dropout(cfg["dropout"], rng=cfg["dropout_rng"], rngs=rngs)
 
-    def _residual(self, x, norm, fn, train):
+    def _residual(self, x_BLD, norm, fn, train):
         """Apply fn as a residual sublayer; fn may return (y, aux)."""
-        out = fn(x if self.post else norm(x))
-        y, aux = out if isinstance(out, tuple) else (out, None)
-        h = x + self.dropout(y, deterministic=not train)
-        return (norm(h) if self.post else h), aux
+        out = fn(x_BLD if self.post else norm(x_BLD))
+        y_BLD, aux = out if isinstance(out, tuple) else (out, None)
+        h_BLD = x_BLD + self.dropout(y_BLD, deterministic=not train)
+        return (norm(h_BLD) if self.post else h_BLD), aux
 
-    def __call__(self, x, *, pos, mask, pe, memory=None, train: bool, return_weights: bool = False):
-        """memory: dict(x=BSD, pos=BS, mask=BS) for cross attention."""
-        x, weights = self._residual(
-            x,
+    def __call__(
+        self, x_BLD, *, pos_BL, mask_BL, pe, memory=None, train: bool, return_weights=False
+    ):
+        """mask_BL: the key padding mask; memory: dict(x=BSD, pos=BS, mask=BS) for cross
+        attention."""
+        x_BLD, weights = self._residual(
+            x_BLD,
             self.attn_norm,
-            lambda h: self.attn(
-                h, pos_BL=pos, pe=pe, kv_mask_BS=mask, return_weights=return_weights
+            lambda h_BLD: self.attn(
+                h_BLD, pos_BL=pos_BL, pe=pe, kv_mask_BS=mask_BL, return_weights=return_weights
             ),
             train,
         )
         if self.cross is not None:
-            x, _ = self._residual(
-                x,
+            x_BLD, _ = self._residual(
+                x_BLD,
                 self.cross_norm,
-                lambda h: self.cross(
-                    h,
-                    pos_BL=pos,
+                lambda h_BLD: self.cross(
+                    h_BLD,
+                    pos_BL=pos_BL,
                     pe=pe,
                     kv_BSD=memory["x"],
                     kv_pos_BS=memory["pos"],
@@ -574,26 +568,28 @@ class Block(nnx.Module):
                 ),
                 train,
             )
-        x, _ = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, train=train), train)
-        return x, weights
+        mlp = lambda h_BLD: self.mlp(h_BLD, train=train)
+        x_BLD, _ = self._residual(x_BLD, self.mlp_norm, mlp, train)
+        return x_BLD, weights
 
-    def decode(self, x, cache, *, pos, pe, valid=None):
+    def decode(self, x_BLD, cache, *, pos_BL, pe, valid_BL=None):
         """One decoding call on the layer cache {"self": ..., "cross": ...}."""
         new_cache = dict(cache)
 
-        def self_attn(h):
-            y, new_cache["self"] = self.attn.decode(
-                h, cache["self"], pos_BL=pos, pe=pe, valid_BL=valid
+        def self_attn(h_BLD):
+            y_BLD, new_cache["self"] = self.attn.decode(
+                h_BLD, cache["self"], pos_BL=pos_BL, pe=pe, valid_BL=valid_BL
             )
-            return y
+            return y_BLD
 
-        x, _ = self._residual(x, self.attn_norm, self_attn, False)
+        x_BLD, _ = self._residual(x_BLD, self.attn_norm, self_attn, False)
         if self.cross is not None:
-            x, _ = self._residual(
-                x,
+            x_BLD, _ = self._residual(
+                x_BLD,
                 self.cross_norm,
-                lambda h: self.cross.decode_cross(h, cache["cross"], pos_BL=pos, pe=pe),
+                lambda h_BLD: self.cross.decode_cross(h_BLD, cache["cross"], pos_BL=pos_BL, pe=pe),
                 False,
             )
-        x, _ = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, train=False), False)
-        return x, new_cache
+        mlp = lambda h_BLD: self.mlp(h_BLD, train=False)
+        x_BLD, _ = self._residual(x_BLD, self.mlp_norm, mlp, False)
+        return x_BLD, new_cache

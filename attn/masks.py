@@ -2,7 +2,7 @@
 
 All masks are boolean with True where a query may attend to a key, broadcastable to BHLS
 (the convention of `jax.nn.dot_product_attention`). Causal and window masks are aligned
-bottom-right (DESIGN.md section 3): with L queries and S keys, query i sits at position
+bottom-right (README "Interfaces"): with L queries and S keys, query i sits at position
 `S - L + i` among the keys, which is what a KV cache needs (the last query is the newest
 token). `jax.nn.dot_product_attention` aligns them top-left instead, so it is not used here.
 

@@ -142,21 +142,29 @@ class Stack(nnx.Module):
             else layers.LayerNorm(cfg["d_model"], rngs=rngs)
         )
 
-    def __call__(self, x, *, pos, mask, pe, memory=None, train, return_attention=(), offset=0):
+    def __call__(
+        self, x_BLD, *, pos_BL, mask_BL, pe, memory=None, train, return_attention=(), offset=0
+    ):
         wanted = [i for i in return_attention if offset <= i < offset + self.num_layers]
         if self.scanned:
-            return self._scanned(x, pos, mask, pe, memory, train, wanted, offset)
+            return self._scanned(x_BLD, pos_BL, mask_BL, pe, memory, train, wanted, offset)
         maps = {}
         for i, block in enumerate(self.blocks):
             want = i + offset in return_attention
-            x, w = block(
-                x, pos=pos, mask=mask, pe=pe, memory=memory, train=train, return_weights=want
+            x_BLD, w = block(
+                x_BLD,
+                pos_BL=pos_BL,
+                mask_BL=mask_BL,
+                pe=pe,
+                memory=memory,
+                train=train,
+                return_weights=want,
             )
             if want:
                 maps[i + offset] = w
-        return self.finish(x), maps
+        return self.finish(x_BLD), maps
 
-    def _scanned(self, x, pos, mask, pe, memory, train, wanted, offset):
+    def _scanned(self, x_BLD, pos_BL, mask_BL, pe, memory, train, wanted, offset):
         want = bool(wanted)
 
         @nnx.scan(
@@ -164,17 +172,22 @@ class Stack(nnx.Module):
             out_axes=(nnx.Carry, 0),
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
-        def body(block, x, pe):
-            x, w = block(
-                x, pos=pos, mask=mask, pe=pe, memory=memory, train=train, return_weights=want
+        def body(block, x_BLD, pe):
+            return block(
+                x_BLD,
+                pos_BL=pos_BL,
+                mask_BL=mask_BL,
+                pe=pe,
+                memory=memory,
+                train=train,
+                return_weights=want,
             )
-            return x, w
 
-        x, ws = body(self.blocks, x, pe)
-        return self.finish(x), {i: ws[i - offset] for i in wanted}
+        x_BLD, ws = body(self.blocks, x_BLD, pe)
+        return self.finish(x_BLD), {i: ws[i - offset] for i in wanted}
 
-    def finish(self, x):
-        return x if self.final_norm is None else self.final_norm(x)
+    def finish(self, x_BLD):
+        return x_BLD if self.final_norm is None else self.final_norm(x_BLD)
 
 
 class TransformerBase(nnx.Module):
@@ -241,7 +254,7 @@ class TransformerBase(nnx.Module):
         )
         new_cache = []
         for block, c in zip(stack.blocks, cache, strict=True):
-            x, c = block.decode(x, c, pos=pos_BL, pe=self.pe, valid=valid_BL)
+            x, c = block.decode(x, c, pos_BL=pos_BL, pe=self.pe, valid_BL=valid_BL)
             new_cache.append(c)
         return self.embedder.logits(stack.finish(x)), new_cache
 
@@ -267,18 +280,18 @@ class SingleStack(TransformerBase):
         self.stack = Stack(self.cfg, causal=self.CAUSAL, cross=False, rngs=rngs)
 
     def __call__(self, batch, *, train: bool, return_attention=()):
-        tokens = batch["inputs"]
-        mask = _token_mask(batch)
-        pos = self.positions(*tokens.shape, train=train, mask_BL=mask)
-        x, maps = self.stack(
-            self._embed(tokens, pos, train),
-            pos=pos,
-            mask=mask,
+        tokens_BL = batch["inputs"]
+        mask_BL = _token_mask(batch)
+        pos_BL = self.positions(*tokens_BL.shape, train=train, mask_BL=mask_BL)
+        x_BLD, maps = self.stack(
+            self._embed(tokens_BL, pos_BL, train),
+            pos_BL=pos_BL,
+            mask_BL=mask_BL,
             pe=self.pe,
             train=train,
             return_attention=tuple(return_attention),
         )
-        return _result(self.embedder.logits(x), maps, return_attention)
+        return _result(self.embedder.logits(x_BLD), maps, return_attention)
 
 
 class Encoder(SingleStack):
@@ -322,17 +335,17 @@ class EncoderDecoder(TransformerBase):
         self.encoder = Stack(self.cfg, causal=False, cross=False, rngs=rngs)
         self.decoder = Stack(self.cfg, causal=True, cross=True, rngs=rngs)
 
-    def encode(self, src, src_mask, *, train, return_attention=()):
-        pos = self.positions(*src.shape, train=train, mask_BL=src_mask)
-        x, maps = self.encoder(
-            self._embed(src, pos, train),
-            pos=pos,
-            mask=src_mask,
+    def encode(self, src_BS, src_mask_BS, *, train, return_attention=()):
+        pos_BS = self.positions(*src_BS.shape, train=train, mask_BL=src_mask_BS)
+        x_BSD, maps = self.encoder(
+            self._embed(src_BS, pos_BS, train),
+            pos_BL=pos_BS,
+            mask_BL=src_mask_BS,
             pe=self.pe,
             train=train,
             return_attention=return_attention,
         )
-        return {"x": x, "pos": pos, "mask": src_mask}, maps
+        return {"x": x_BSD, "pos": pos_BS, "mask": src_mask_BS}, maps
 
     def __call__(self, batch, *, train: bool, return_attention=()):
         return_attention = tuple(return_attention)
@@ -342,20 +355,20 @@ class EncoderDecoder(TransformerBase):
             train=train,
             return_attention=return_attention,
         )
-        tokens = batch["inputs"]
-        mask = _token_mask(batch)
-        pos = self.positions(*tokens.shape, train=train, mask_BL=mask)
-        x, dec_maps = self.decoder(
-            self._embed(tokens, pos, train),
-            pos=pos,
-            mask=mask,
+        tokens_BL = batch["inputs"]
+        mask_BL = _token_mask(batch)
+        pos_BL = self.positions(*tokens_BL.shape, train=train, mask_BL=mask_BL)
+        x_BLD, dec_maps = self.decoder(
+            self._embed(tokens_BL, pos_BL, train),
+            pos_BL=pos_BL,
+            mask_BL=mask_BL,
             pe=self.pe,
             memory=memory,
             train=train,
             return_attention=return_attention,
             offset=len(self.encoder.blocks),
         )
-        return _result(self.embedder.logits(x), {**maps, **dec_maps}, return_attention)
+        return _result(self.embedder.logits(x_BLD), {**maps, **dec_maps}, return_attention)
 
     def init_cache(self, batch_size: int, max_length: int, *, src, src_mask=None):
         src_mask = jnp.ones(src.shape, bool) if src_mask is None else src_mask.astype(bool)

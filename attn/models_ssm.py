@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn import layers
+from attn.params import param
 from attn.registry import ConfigError, lookup, require
 
 SSM_DEFAULTS = {
@@ -53,7 +54,7 @@ class DiagonalSSM(nnx.Module):
         N = cfg["state"]
         self.complex = bool(cfg["complex"])
         lo, hi = math.log(cfg["dt_min"]), math.log(cfg["dt_max"])
-        self.log_dt = layers.param(
+        self.log_dt = param(
             rngs,
             lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, lo, hi),
             (d_model,),
@@ -64,17 +65,17 @@ class DiagonalSSM(nnx.Module):
             re, im = jnp.full((N,), math.log(0.5)), math.pi * n
         else:
             re, im = jnp.log(n + 1.0), jnp.zeros((N,))
-        self.log_neg_a_re = layers.param(
+        self.log_neg_a_re = param(
             rngs, lambda *_: jnp.tile(re, (d_model, 1)), (d_model, N), ("embed", "state")
         )
         self.a_im = nnx.Param(
             jnp.tile(im, (d_model, 1)), out_sharding=("embed", "state"), eager_sharding=False
         )
         c_std = math.sqrt(0.5) if self.complex else 1.0
-        self.c = layers.param(
+        self.c = param(
             rngs, nnx.initializers.normal(c_std), (d_model, N, 2), ("embed", "state", None)
         )
-        self.d = layers.param(rngs, nnx.initializers.ones, (d_model,), ("embed",))
+        self.d = param(rngs, nnx.initializers.ones, (d_model,), ("embed",))
 
     def discretize(self):
         """(dt A, C Bbar) as complex64 DN arrays, the output scale folded into C Bbar."""

@@ -11,8 +11,8 @@ a config combination (pe=rope, positions=randomized) rather than a new class.
   model sees the large positions it will meet at test time. The reference code draws one
   index vector for the whole batch; that is our default (`per_sequence=False`), and
   `per_sequence=True` draws one per sequence. The reference code also samples at test
-  time; here evaluation uses identity positions unless `at_eval=True` (DESIGN.md section 4:
-  random positions at evaluation are a config choice, off by default).
+  time; here evaluation uses identity positions unless `at_eval=True` (random
+  positions at evaluation are a config choice, off by default).
 - "interpolated": positions multiplied by `factor` (float32), as in position interpolation
   (Chen et al. 2023, "Extending Context Window of Large Language Models via Positional
   Interpolation", arXiv 2306.15595), where factor = train length / eval length < 1 squeezes
@@ -30,18 +30,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from attn.registry import ConfigError, lookup, require
-
-
-def _resolve(defaults: Mapping[str, Any], cfg: Mapping[str, Any], field: str) -> dict:
-    """DEFAULTS overridden by cfg (minus "name"); an unknown field is a ConfigError."""
-    given = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    name = given.pop("name", None)
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
-        raise ConfigError(f"{field}.{unknown[0]}: unknown field for {name!r}; allowed: {allowed}")
-    return {**defaults, **given}
+from attn.registry import lookup, merge_defaults, require
 
 
 class Sampler:
@@ -50,7 +39,7 @@ class Sampler:
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Mapping[str, Any]):
-        self.cfg = _resolve(self.DEFAULTS, cfg, "positions")
+        self.cfg = merge_defaults(self.DEFAULTS, cfg, "positions")
 
     def __call__(
         self,

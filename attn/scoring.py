@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn import attention
-from attn.registry import ConfigError, lookup, require
+from attn.registry import ConfigError, as_dict, lookup, merge_defaults, require
 
 # Implementations that a materialising scorer accepts (they all mean "compute it here").
 MATERIALISED_IMPLS = ("auto", "reference", "dense", "xla")
@@ -59,6 +59,12 @@ class Scorer(nnx.Module):
         impl="auto",
         return_weights=False,
     ):
+        kw = dict(bias=bias, mask=mask, causal=causal, window=window, scale=scale)
+        if not self.materialises_logits:
+            out = attention.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, impl=impl, **kw)
+            if not return_weights:
+                return out
+            return out, attention.attention_weights(q_BLHK, k_BSGK, **kw)
         if impl not in MATERIALISED_IMPLS:
             raise ConfigError(
                 f"model.impl: {impl!r} cannot run model.scorer.name={self.NAME!r}, which needs "
@@ -77,30 +83,10 @@ class Scorer(nnx.Module):
 
 
 class DotScorer(Scorer):
-    """Scaled dot product; no parameters; any attention implementation."""
+    """Scaled dot product; no parameters; any attention implementation (the fused ones too)."""
 
     NAME = "dot"
     materialises_logits = False
-
-    def __call__(
-        self,
-        q_BLHK,
-        k_BSGK,
-        v_BSGK,
-        *,
-        bias=None,
-        mask=None,
-        causal=False,
-        window=None,
-        scale=None,
-        impl="auto",
-        return_weights=False,
-    ):
-        kw = dict(bias=bias, mask=mask, causal=causal, window=window, scale=scale)
-        out = attention.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, impl=impl, **kw)
-        if not return_weights:
-            return out
-        return out, attention.attention_weights(q_BLHK, k_BSGK, **kw)
 
 
 class LuongScorer(Scorer):
@@ -191,12 +177,7 @@ def default_config(name: str) -> dict:
 
 def build(cfg, *, num_heads: int, head_dim: int, rngs: nnx.Rngs) -> Scorer:
     """Build the scorer named by cfg["name"]; missing fields take DEFAULTS, unknown ones fail."""
-    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    cls = lookup(REGISTRY, cfg.pop("name", "dot"), "model.scorer.name")
-    unknown = sorted(set(cfg) - set(cls.DEFAULTS))
-    if unknown:
-        allowed = ", ".join(sorted(cls.DEFAULTS)) or "none"
-        raise ConfigError(
-            f"model.scorer.{unknown[0]}: not a field of scorer {cls.NAME!r}; allowed: {allowed}"
-        )
-    return cls({**cls.DEFAULTS, **cfg}, num_heads=num_heads, head_dim=head_dim, rngs=rngs)
+    cfg = as_dict(cfg)
+    cls = lookup(REGISTRY, cfg.get("name", "dot"), "model.scorer.name")
+    merged = merge_defaults(cls.DEFAULTS, cfg, "model.scorer")
+    return cls(merged, num_heads=num_heads, head_dim=head_dim, rngs=rngs)

@@ -10,8 +10,7 @@ size, smoke. Their headline ranking is NoPE > T5 > ALiBi > RoPE > sinusoidal (13
   ./launch.sh train --config configs/algorithmic.py:task=addition,pe=t5,size=m --workdir runs/add_t5
 
 Expected: with size=s, 10,000 steps at batch 128 cost about as much per step as
-configs/formal.py size s (not measured separately: ~0.3 steps/s on the shared 2-core CPU,
-so hours; a GPU or size=xs for quick studies); copy is
+configs/formal.py size s (hours on 2 CPU cores; a GPU or size=xs for quick studies); copy is
 learned in distribution (seq_acc near 1 for n <= 20); out of distribution NoPE and T5 degrade
 more slowly than RoPE and sinusoidal. Kazemnejad et al. note that small 3-layer models fail
 even in distribution on the harder tasks (addition, polynomial), so use size=m for those.

@@ -25,9 +25,8 @@ from attn import pe as pe_lib
 from attn import positions as positions_lib
 from attn import scoring as scoring_lib
 from attn.registry import ConfigError
-from experiments import config_utils
+from experiments import config_utils, optim
 from experiments import tasks as tasks_lib
-from experiments import optim
 
 ARGS = {
     "task": "reverse_string",

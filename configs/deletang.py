@@ -2,21 +2,20 @@
 Chomsky Hierarchy", arXiv 2207.02098) with the randomized positions of Ruoss et al. 2023
 ("Randomized Positional Encodings", arXiv 2305.16843).
 
-Protocol (REFERENCES.md; built on configs/formal.py, which holds the model and data layout):
-encoder of 5 layers x d_model 64 x 8 heads, MLP 4x ReLU, post-LN, dropout 0.1, embeddings
-scaled by sqrt(d), init std 0.02 (~0.25M parameters); the input (n ~ U{1..40}, one length per
-batch) followed by |y| blanks, outputs read at the last |y| positions; batch 128, Adam,
-gradient clipping 1.0, 1,000,000 steps; learning rates {1e-4, 3e-4, 5e-4} x 10 seeds; scored
-by per-sequence token accuracy averaged over test lengths 41..500 (we evaluate the task grid
-41, 50, 60, 80, 100, 150, 200, 300, 400, 500 plus 20 and 40 in distribution); the paper
-reports the best run over seeds and learning rates (compare's "best OOD" column).
-Encodings: none, sinusoidal, learned, relative, ALiBi, RoPE, each with identity positions and
-with randomized positions (sorted random subset of {0..2047}, Ruoss et al.). With randomized
-positions, evaluation samples random positions too (eval.random_positions=true), as the Ruoss
-et al. reference code does: identity positions at test time put short test strings far
-outside the position gaps seen in training (measured in RESULTS.md). Deviations, recorded:
-"relative" is T5's bucketed bias (the Transformer-XL encoding of the reference code is not in
-attn.pe); dropout is off at evaluation (the reference code leaves it on).
+Protocol (paper and reference code; built on configs/formal.py, which holds the model and data
+layout): encoder of 5 layers x d_model 64 x 8 heads, MLP 4x ReLU, post-LN, dropout 0.1, embeddings
+scaled by sqrt(d), init std 0.02 (~0.25M parameters); the input (n ~ U{1..40}, one length per batch)
+followed by |y| blanks, outputs read at the last |y| positions; batch 128, Adam, gradient clipping
+1.0, 1,000,000 steps; learning rates {1e-4, 3e-4, 5e-4} x 10 seeds; scored by per-sequence token
+accuracy averaged over test lengths 41..500 (we evaluate the task grid 41, 50, 60, 80, 100, 150,
+200, 300, 400, 500 plus 20 and 40 in distribution); the paper reports the best run over seeds and
+learning rates (compare's "best OOD" column). Encodings: none, sinusoidal, learned, relative, ALiBi,
+RoPE, each with identity positions and with randomized positions (sorted random subset of {0..2047},
+Ruoss et al.). With randomized positions, evaluation samples random positions too
+(eval.random_positions=true), as the Ruoss et al. reference code does: identity positions at test
+time put short test strings far outside the position gaps seen in training (measured in RESULTS.md).
+Deviations, recorded: "relative" is T5's bucketed bias (the Transformer-XL encoding of the reference
+code is not in attn.pe); dropout is off at evaluation (the reference code leaves it on).
 
 Arg keys: those of configs/formal.py (task, pe, sampler, scorer, model, size, smoke) plus
 lr (float) and mini (bool: the reduced protocol, MINI below); size and lr default to the
@@ -33,14 +32,12 @@ protocol's (s and 3e-4; MINI's with mini=true).
 
 Expected wall time: full, 1M steps per run, is an accelerator job (about 5,400 x the GPU time
 of one run; seeds of a shape train together under jax.vmap, `sweep_vmap_seeds`). Mini (MINI
-below, 24 runs per seed): 9 minutes per seed with 2 runs at once on 2 heavily shared CPU
-cores (measured, RESULTS.md); `seeds=3` in the arg runs 3 seeds.
+below, 24 runs per seed): minutes per seed with 2 runs at once on 2 CPU cores (RESULTS.md has
+the measured time); `seeds=3` in the arg runs 3 seeds.
 Expected result (papers, full protocol): mean test accuracy over the 15 tasks rises by 12.0
 points with randomized positions (Ruoss et al., over 6,000 models); the mean over seeds hides
 a large spread (even_pairs: 67.7 +- 15.2 %, per a maintainer), hence best-of-runs reporting.
-The mini protocol trains far shorter: measured (RESULTS.md, 3 seeds), randomized positions
-raise the OOD accuracy of bucket_sort from 33 % to 78 % (mean of 5 encodings) at a cost in
-distribution (95 % to 79 %); on reverse_string the randomized runs stay near the no-PE level.
+The mini protocol trains far shorter; what it showed is in RESULTS.md.
 """
 
 from configs import formal

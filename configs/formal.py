@@ -10,22 +10,13 @@ pe, sampler, scorer, model, size, smoke.
   ./launch.sh train --config configs/formal.py:task=parity_check,pe=rope,sampler=randomized \
       --workdir runs/parity_rrope --config.train.steps=20000
 
-Expected time, measured on this project's shared 2-core CPU (load average ~14, 08:15 UTC):
-size s (0.25M parameters) at batch 128 runs 0.32 steps/s (1,700 tokens/s) after compiling
-one train step per length bucket (6 buckets for n <= 40, 20-40 s each under that load), so
-the default 10,000 steps take ~9 h there; use size=xs or a GPU for quick studies.
-
-Measured result (same CPU and load; 5.3 min wall, 54 s CPU, ~8 steps/s):
-
-  ./launch.sh train --config configs/formal.py:task=reverse_string,size=xs \
-      --config.train.batch_size=32 --config.train.steps=1500 --config.train.optimizer.lr=1e-3 \
-      --config.train.eval_every=0 --config.eval.num_examples=128 --workdir runs/rev_xs \
-      --lengths 20,40,80
-
-reaches token accuracy 0.60 / 0.58 at n = 20 / 40 (in distribution) and 0.52 at n = 80
-(chance 0.5). Expected at the full protocol: the encoder learns reverse_string in
-distribution and drops toward chance beyond n = 40 with sinusoidal/none PE; Deletang et al.
-report 0.62 (best over seeds and learning rates, 1M steps).
+Expected time: size s (0.25M parameters) at batch 128 compiles one train step per length
+bucket (at most 7 for n <= 40), then runs the w1 rate of README "Performance"; the default
+10,000 steps are a matter of hours on 2 CPU cores, minutes on a GPU. Use size=xs for quick
+studies (RESULTS.md has a 1,500-step size-xs run and what it reached).
+Expected result at the full protocol: the encoder learns reverse_string in distribution and
+drops toward chance beyond n = 40 with sinusoidal/none PE; Deletang et al. report 0.62 (best
+over seeds and learning rates, 1M steps).
 """
 
 from configs import base

@@ -1,17 +1,17 @@
 """Reproduction: the decoder-only protocol of Kazemnejad et al. 2023 ("The Impact of
 Positional Encoding on Length Generalization in Transformers", arXiv 2305.19466).
 
-Protocol (REFERENCES.md; built on configs/algorithmic.py, which holds the decoder and the
-prompt + SEP + answer layout): causal decoder, loss on the answer tokens only, right padding;
-train on lengths up to L (task.max_length, 20 by default), test up to 2L (the task grid 5..40);
-3 seeds; exact-match accuracy (seq_acc) per length; the encodings are ranked per task and
-aggregated by mean reciprocal rank (compare prints it). Encodings: NoPE (none), T5's relative
-bias, ALiBi, RoPE, sinusoidal. Tasks: copy, reverse, sort, addition, summation (mod 10),
-parity, polynomial evaluation (mod 10). Deviations, recorded: LEGO, SCAN and PCFG are not
-implemented in experiments.tasks; examples are drawn fresh every step instead of from a fixed
-set of 100k; the paper's ~138M-parameter model is approximated by size l (12 layers x 768,
-about 85M parameters plus embeddings); batch 64, learning rate 1e-4 with 1,000 warmup steps
-and cosine decay are our choices (not given in REFERENCES.md).
+Protocol (as the paper describes it; built on configs/algorithmic.py, which holds the decoder and
+the prompt + SEP + answer layout): causal decoder, loss on the answer tokens only, right padding;
+train on lengths up to L (task.max_length, 20 by default), test up to 2L (the task grid 5..40); 3
+seeds; exact-match accuracy (seq_acc) per length; the encodings are ranked per task and aggregated
+by mean reciprocal rank (compare prints it). Encodings: NoPE (none), T5's relative bias, ALiBi,
+RoPE, sinusoidal. Tasks: copy, reverse, sort, addition, summation (mod 10), parity, polynomial
+evaluation (mod 10). Deviations, recorded: LEGO, SCAN and PCFG are not implemented in
+experiments.tasks; examples are drawn fresh every step instead of from a fixed set of 100k; the
+paper's ~138M-parameter model is approximated by size l (12 layers x 768, about 85M parameters plus
+embeddings); batch 64, learning rate 1e-4 with 1,000 warmup steps and cosine decay are our choices
+(the paper does not give them).
 
 Arg keys: those of configs/algorithmic.py (task, pe, sampler, scorer, model, size, smoke) plus
 lr (float) and mini (bool: the reduced protocol, MINI below); size and lr default to the
@@ -27,8 +27,8 @@ protocol's (l and 1e-4; MINI's with mini=true).
   ./launch.sh compare runs/kazemnejad_mini --out reports/kazemnejad_mini --metric seq_acc
 
 Expected wall time: full, an accelerator job (105 runs of 40k steps of a ~100M model; seeds of
-a shape train together under jax.vmap). Mini (MINI below, 10 runs per seed): under 4 minutes
-per seed with 2 runs at once on 2 shared CPU cores (measured, RESULTS.md); `seeds=3` runs 3
+a shape train together under jax.vmap). Mini (MINI below, 10 runs per seed): minutes per seed
+with 2 runs at once on 2 CPU cores (RESULTS.md has the measured time); `seeds=3` runs 3
 seeds. Expected result (paper, full protocol): NoPE > T5 > ALiBi > RoPE > sinusoidal by mean
 reciprocal rank; all encodings fit the training lengths and degrade beyond them. The authors'
 own 3-layer width-64 models failed even in distribution, so the mini protocol (a tiny model

@@ -1,14 +1,14 @@
 """Reproduction: "Train Short, Test Long" (Press et al. 2022, ALiBi, arXiv 2108.12409),
 byte-level language modelling at one context length, evaluated at 1x..16x of it.
 
-Protocol (REFERENCES.md; built on configs/lm.py, which holds the causal decoder and the
-corpus): train a decoder on windows of `context` bytes of a text corpus (this Python's
-standard library sources, TFDS `attn_text`; the paper uses WikiText-103 tokens), evaluate
-perplexity on non-overlapping chunks of 1, 2, 4, 8 and 16 x context, for every encoding:
-none, sinusoidal, learned (its table sized to 16 x context, so positions past the training
-length exist but were never trained), T5 bias, ALiBi and RoPE. Deviations, recorded: bytes of
-Python source instead of WikiText-103 words; size m (6 layers x 256) instead of the paper's
-247M-parameter model; context 512 (the paper's shorter setting); one seed.
+Protocol (as the paper describes it; built on configs/lm.py, which holds the causal decoder and the
+corpus): train a decoder on windows of `context` bytes of a text corpus (this Python's standard
+library sources, TFDS `attn_text`; the paper uses WikiText-103 tokens), evaluate perplexity on
+non-overlapping chunks of 1, 2, 4, 8 and 16 x context, for every encoding: none, sinusoidal, learned
+(its table sized to 16 x context, so positions past the training length exist but were never
+trained), T5 bias, ALiBi and RoPE. Deviations, recorded: bytes of Python source instead of
+WikiText-103 words; size m (6 layers x 256) instead of the paper's 247M-parameter model; context 512
+(the paper's shorter setting); one seed.
 
 Arg keys: those of configs/lm.py (pe, sampler, scorer, size, smoke) plus context (int: training
 length in bytes) and mini (bool: the reduced protocol, MINI below); size and context default
@@ -23,7 +23,7 @@ to the protocol's (m and 512; MINI's with mini=true).
   ./launch.sh compare runs/press_lm_mini --out reports/press_lm_mini --metric ppl
 
 Expected wall time: full, an accelerator job (6 runs of 20k steps at batch 32 x 512 bytes).
-Mini: 3 min 16 s for the 6 runs, 2 at once on 2 shared CPU cores (measured, RESULTS.md).
+Mini: minutes for the 6 runs, 2 at once on 2 CPU cores (RESULTS.md has the measured time).
 Expected result (paper): ALiBi's perplexity stays flat or improves up to 16x the training
 length; sinusoidal (and learned) explode just past it; RoPE and T5 degrade in between.
 """

@@ -13,11 +13,10 @@ beyond). Encodings: none, sinusoidal, learned, t5 (relative bias), alibi, rope; 
   ./launch.sh compare runs/quickstart --out reports/quickstart
   ./launch.sh train --config configs/quickstart.py:pe=alibi --workdir runs/qs_alibi   # one run
 
-Expected wall time: about 5 minutes on 2 CPU cores with two runs at once (measured 4 min 50 s
-on 2 heavily shared cores, RESULTS.md; not measured on a GPU). Expected result (measured, seed
-0): every encoding but none fits the training lengths (token accuracy 100 % at n = 4, 76-100 %
-at n = 8); none cannot tell the output slots of an encoder apart and stays below 50 %; beyond
-n = 8 accuracy drops for all of them, least for RoPE and T5 in that run (RESULTS.md).
+Expected wall time: a few minutes on 2 CPU cores with two runs at once (RESULTS.md has the
+measured time). Expected result: every encoding but none fits the training lengths; none
+cannot tell the output slots of an encoder apart and stays low; beyond n = 8 accuracy drops
+for all of them (RESULTS.md has the measured table).
 """
 
 from configs import formal

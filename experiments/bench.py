@@ -8,7 +8,7 @@ Every measurement is one JSON line on stdout: {"workload", "variant", "metric", 
 version, backend, device, XLA_FLAGS}}; a markdown table of all of them comes last. Timings
 are wall clock (`time.perf_counter`) around work that ends in `jax.block_until_ready`.
 
-Method (DESIGN.md section 5: every claim of speed is a benchmark here, not a timed test):
+Method (every claim of speed is a benchmark here, not a timed test):
 
 - `peak`: float32 matmul through XLA at n = 1024, 2048, 4096 (2 n^3 FLOPs each); the best
   median is the machine's achievable peak, measured in the same run, and every throughput

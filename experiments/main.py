@@ -1,4 +1,4 @@
-"""Entry point (DESIGN.md section 2): `--mode train --config configs/formal.py:pe=alibi
+"""Entry point (README "Commands"): `--mode train --config configs/formal.py:pe=alibi
 --workdir runs/a`, or `--mode eval --workdir runs/a --lengths 40,80,160`. Exit status: 0 done;
 1 runtime failure (workdir.RunError); 2 bad configuration (ConfigError or an unloadable
 --config: one line, nothing compiled); 128 + signal (130 SIGINT, 143 SIGTERM) after saving a

@@ -22,12 +22,11 @@ every change) and exits with status 1, and re-running the same command runs only
 not DONE.
 
 Seeds together: when the config file sets `sweep_vmap_seeds = True` (or a callable of the
-`:arg` returning it) or `--vmap_seeds` is given, points that differ only in `seed` run as
-one `python -m experiments.seeds` program that trains them under `jax.vmap` (DESIGN.md
-section 5) and writes the same per-seed workdirs. `sweep_vmap_seeds = "accelerator"` does so
-only where JAX's default backend is not the CPU (asked of a short child process, so the
-sweep itself never claims the accelerator): on the 2-core CPU 8 vmapped seeds of the Deletang
-encoder ran 0.85-1.08x as fast as 8 separate runs (README "Performance").
+`:arg` returning it) or `--vmap_seeds` is given, points that differ only in `seed` run as one
+`python -m experiments.seeds` program that trains them under `jax.vmap` and writes the same
+per-seed workdirs. `sweep_vmap_seeds = "accelerator"` does so only where JAX's default backend
+is not the CPU (asked of a short child process, so the sweep itself never claims the
+accelerator), since on a CPU it gains little (README "Performance" has the measurement).
 
 Usage:
     python -m experiments.sweep --config configs/quickstart.py --workdir runs/quickstart \

@@ -217,7 +217,7 @@ def test_chunked_default_blocks_with_undifferentiated_biases():
 def test_chunked_block_skipping_and_partial_blocks_match_the_mask(L, S, bq, bk, causal, window):
     nq, nk = -(-L // bq), -(-S // bk)
     plan = attention._Plan(
-        L=L, S=S, H=1, bq=bq, bk=bk, nq=nq, nk=nk, scale=1.0, causal=causal, window=window,
+        L=L, S=S, H=1, bq=bq, bk=bk, scale=1.0, causal=causal, window=window,
         bias_fn=None, bias_sliced=(False, False), mask_sliced=(False, False),
     )  # fmt: skip
     allowed = np.zeros((nq * bq, nk * bk), bool)

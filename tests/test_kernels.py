@@ -154,7 +154,7 @@ def test_block_ranges_are_exactly_the_visible_blocks(L, S, causal, window, lengt
     is complete (no visible block missed) and tight (no hidden block visited)."""
     bq, bk = 8, 4
     c = flash._Config(
-        platform="cpu", B=1, H=1, G=1, L=L, S=S, bq=bq, bk=bk, nq=-(-L // bq), nk=-(-S // bk),
+        platform="cpu", B=1, H=1, G=1, L=L, S=S, bq=bq, bk=bk,
         scale=1.0, causal=causal, window=window, kind=None, offset=0.0, num_params=1,
         padded_params=1, max_distance=0, num_segments=0,
     )  # fmt: skip

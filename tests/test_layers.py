@@ -162,8 +162,8 @@ def test_block_norm_placement(norm):
     x, pos = x_and_pos()
     y, _ = block(
         3.0 * x + 1.0,
-        pos=pos,
-        mask=None,
+        pos_BL=pos,
+        mask_BL=None,
         pe=attn.pe.build(
             {"name": "none"}, d_model=D, num_heads=4, head_dim=4, causal=True, rngs=nnx.Rngs(0)
         ),

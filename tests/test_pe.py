@@ -1,6 +1,6 @@
 """Registry-driven contract tests for every positional encoding in attn.pe.REGISTRY.
 
-DESIGN.md section 6: shapes and dtypes of every hook, jit equals no-jit, causality by
+Shapes and dtypes of every hook, jit equals no-jit, causality by
 gradient through a tiny attention, shift invariance of the encodings that declare
 `shift_invariant`, finite outputs at 16x the training length, validate's one-line errors.
 Cases are enumerated from the registries at collection time (`contract_cases`), and the
@@ -253,11 +253,15 @@ def test_gqa_layouts(name, heads):
 def test_declared_attributes(name):
     cls = attn.pe.REGISTRY[name]
     assert issubclass(cls, PositionalEncoding)
-    assert cls.__doc__ and re.search(r"(19|20)\d\d", sys.modules[cls.__module__].__doc__)
+    module_doc = sys.modules[cls.__module__].__doc__ or ""
+    assert cls.__doc__ and re.search(r"(19|20)\d\d", module_doc), (
+        f"{name}: the class needs a docstring and its module docstring the paper it implements "
+        "(authors and year, e.g. 'Press et al. 2022'), as README 'Adding an encoding' says"
+    )
     assert attn.pe.default_config(name) == {"name": name, **cls.DEFAULTS}
     for attr in ("supports_cross_attention", "needs_materialized_logits", "shift_invariant"):
         assert isinstance(getattr(cls, attr), bool)
-    with pytest.raises(ConfigError, match=r"^pe\.bogus: unknown field"):
+    with pytest.raises(ConfigError, match=r"^model\.pe\.bogus: unknown field"):
         cls.validate({"name": name, "bogus": 1}, max_eval_position=10, num_heads=H, head_dim=K)
     cls.validate(attn.pe.default_config(name), max_eval_position=10, num_heads=H, head_dim=K)
 

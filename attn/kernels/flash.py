@@ -6,7 +6,7 @@ output, all float32); the backward recomputes each block's probabilities from th
 logsumexp in two kernels, one per query block for dq (and the bias-parameter gradient) and
 one per key block for dk and dv. Nothing of size L x S is ever stored.
 
-What the kernel computes (the contract of attn.attention, DESIGN.md section 3):
+What the kernel computes (the contract of attn.attention, README "Interfaces"):
 - GQA: query head h reads kv head h // (H // G). dk/dv are produced per query head and
   summed over each group outside the kernel (simple and the same on every backend; it costs
   H / G times the dk/dv memory for the duration of the backward).
@@ -85,8 +85,6 @@ class _Config:
     S: int
     bq: int
     bk: int
-    nq: int
-    nk: int
     scale: float
     causal: bool
     window: int | None
@@ -96,6 +94,14 @@ class _Config:
     padded_params: int  # lanes of the parameter-gradient row
     max_distance: int
     num_segments: int
+
+    @property
+    def nq(self) -> int:
+        return -(-self.L // self.bq)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.S // self.bk)
 
     @property
     def Lp(self) -> int:
@@ -613,8 +619,6 @@ def flash_attention(
         S=S,
         bq=bq,
         bk=bk,
-        nq=nq,
-        nk=nk,
         scale=default_scale(scale, K),
         causal=causal,
         window=window,

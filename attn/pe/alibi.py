@@ -8,8 +8,8 @@ followed by every other slope of the doubled set (the paper's recipe, `slopes`).
 
 Bidirectional (encoder) variant: -m_h * |i - j| + lower_offset * m_h * [j < i]. The
 Deletang et al. 2023 / Ruoss et al. 2023 reference code adds 0.5 * m_h on the lower
-triangle to break the left/right symmetry; REFERENCES.md says to follow the code that
-produced the published numbers, so `bidirectional_offset` defaults to 0.5; set it to 0 for
+triangle to break the left/right symmetry; we follow the code that produced the published
+numbers, so `bidirectional_offset` defaults to 0.5; set it to 0 for
 the purely symmetric -m_h * |i - j|. With causal attention the offset is unused.
 """
 

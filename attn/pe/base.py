@@ -1,7 +1,7 @@
 """Base class of every positional encoding (PE), with its three hooks identity by default.
 
 A PE acts through up to three hooks that attention layers call unconditionally
-(DESIGN.md section 3; README "Interfaces"):
+(README "Interfaces"):
 - `embed(x_BLD, pos_BL) -> x_BLD` for absolute encodings added to the token embeddings;
 - `rotate(q_BLHK, k_BSGK, qpos_BL, kpos_BS) -> (q, k)` for the rotary family;
 - `bias(qpos_BL, kpos_BS, q_BLHK=None, k_BSGK=None) -> array broadcastable to BHLS, or None`
@@ -14,7 +14,7 @@ also declares that function through `kernel_bias() -> attn.kernels.KernelBias | 
 positions instead of calling `bias`; the two must agree (tests/test_kernels.py checks it).
 
 Positions may be int32 (identity, randomized samplers) or float32 (interpolated sampler);
-every encoding accepts both. Parameters carry logical axis names from attn.sharding.RULES
+every encoding accepts both. Parameters carry logical axis names experiments/mesh.py
 ("heads", "head_dim", ...) as `out_sharding` metadata; they are created with
 `eager_sharding=False` so a PE builds with or without a mesh, and attn.sharding maps the
 names to mesh axes when the model state is placed.
@@ -29,7 +29,7 @@ Each class's docstring names its paper. Class attributes:
   the attention logits unchanged (the relative encodings); the contract tests check it.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -37,32 +37,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn.kernels.bias import KernelBias
-from attn.registry import ConfigError
+from attn.params import param  # noqa: F401  (the PEs import it from here)
+from attn.registry import merge_defaults
 
 # Position for KV-cache slots not yet written: after every real query, so that a causal
 # encoding treats them as future keys (masked), and small enough that key - query positions
 # neither overflow int32 nor make any bias non-finite. CoPE needs it: its gates sum over
 # every "past" key.
 UNWRITTEN_POSITION = 2**30
-
-
-def resolve_config(defaults: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict:
-    """DEFAULTS overridden by cfg (minus "name"); an unknown field is a ConfigError."""
-    given = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    name = given.pop("name", None)
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
-        raise ConfigError(f"pe.{unknown[0]}: unknown field for {name!r}; allowed: {allowed}")
-    return {**defaults, **given}
-
-
-def param(
-    rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...]
-) -> nnx.Param:
-    """A parameter initialised by init(key, shape, float32) with logical axis names."""
-    value = init(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def relative_positions(qpos_BL: jax.Array, kpos_BS: jax.Array) -> jax.Array:
@@ -120,7 +102,7 @@ class PositionalEncoding(nnx.Module):
         rngs: nnx.Rngs,
     ):
         del rngs
-        self.cfg = resolve_config(self.DEFAULTS, cfg)
+        self.cfg = merge_defaults(self.DEFAULTS, cfg, "model.pe")
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -132,7 +114,7 @@ class PositionalEncoding(nnx.Module):
     ) -> None:
         """Raise ConfigError for settings that cannot work; the base checks field names."""
         del max_eval_position, num_heads, head_dim
-        resolve_config(cls.DEFAULTS, cfg)
+        merge_defaults(cls.DEFAULTS, cfg, "model.pe")
 
     def embed(self, x_BLD: jax.Array, pos_BL: jax.Array) -> jax.Array:
         del pos_BL

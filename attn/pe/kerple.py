@@ -22,9 +22,8 @@ from attn.pe.base import (
     inverse_softplus,
     param,
     relative_positions,
-    resolve_config,
 )
-from attn.registry import require
+from attn.registry import merge_defaults, require
 
 VARIANTS = ("log", "power")
 
@@ -51,7 +50,7 @@ class Kerple(PositionalEncoding):
 
     @classmethod
     def validate(cls, cfg, *, max_eval_position, num_heads, head_dim):
-        c = resolve_config(cls.DEFAULTS, cfg)
+        c = merge_defaults(cls.DEFAULTS, cfg, "model.pe")
         require(
             c["variant"] in VARIANTS,
             "pe.variant",

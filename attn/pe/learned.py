@@ -11,8 +11,8 @@ interpolate linearly between neighbouring rows.
 import jax
 from flax import nnx
 
-from attn.pe.base import PositionalEncoding, lookup_rows, param, resolve_config
-from attn.registry import ConfigError, require
+from attn.pe.base import PositionalEncoding, lookup_rows, param
+from attn.registry import ConfigError, merge_defaults, require
 
 EXTENSIONS = ("error", "clip")
 
@@ -24,7 +24,7 @@ class Learned(PositionalEncoding):
 
     @classmethod
     def validate(cls, cfg, *, max_eval_position, num_heads, head_dim):
-        c = resolve_config(cls.DEFAULTS, cfg)
+        c = merge_defaults(cls.DEFAULTS, cfg, "model.pe")
         require(
             c["extension"] in EXTENSIONS,
             "pe.extension",

@@ -6,7 +6,7 @@ theta_i = max_wavelength^(-2i/R), i < R/2, over the first R = head_dim * fractio
 so q.k depends only on the relative position. Pairs are either the two halves of the
 rotated dims ("half", Llama/Flax/MaxText, our default) or adjacent dims ("interleaved",
 RoFormer/GPT-J). Angles and the rotation are computed in float32 whatever x's dtype:
-bfloat16 cannot tell position 256 from 257 (DESIGN.md section 4).
+bfloat16 cannot tell position 256 from 257.
 
 Scalings (`scaling`, with `factor` s):
 - "linear": position interpolation, pos / s (Chen et al. 2023, arXiv 2306.15595).
@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn.pe.base import PositionalEncoding, resolve_config
-from attn.registry import ConfigError, require
+from attn.pe.base import PositionalEncoding
+from attn.registry import ConfigError, merge_defaults, require
 
 LAYOUTS = ("half", "interleaved")
 SCALINGS = ("none", "linear", "ntk", "yarn")
@@ -179,7 +179,7 @@ class RoPE(PositionalEncoding):
 
     @classmethod
     def validate(cls, cfg, *, max_eval_position, num_heads, head_dim):
-        validate_rotary(resolve_config(cls.DEFAULTS, cfg), head_dim)
+        validate_rotary(merge_defaults(cls.DEFAULTS, cfg, "model.pe"), head_dim)
 
     def __init__(self, cfg, *, d_model, num_heads, head_dim, causal, rngs):
         super().__init__(

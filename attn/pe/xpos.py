@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.pe import rope
-from attn.pe.base import PositionalEncoding, resolve_config
-from attn.registry import require
+from attn.pe.base import PositionalEncoding
+from attn.registry import merge_defaults, require
 
 # exp(80) ~ 5.5e34: the largest key scale we allow, leaving headroom below float32's 3.4e38.
 MAX_LOG_SCALE = 80.0
@@ -55,7 +55,7 @@ class XPos(PositionalEncoding):
 
     @classmethod
     def validate(cls, cfg, *, max_eval_position, num_heads, head_dim):
-        c = resolve_config(cls.DEFAULTS, cfg)
+        c = merge_defaults(cls.DEFAULTS, cfg, "model.pe")
         rope.validate_rotary(c, head_dim)
         require(c["gamma"] > 0, "pe.gamma", f"must be > 0, got {c['gamma']}")
         log_scale = max_eval_position / c["scale_base"] * math.log((1 + c["gamma"]) / c["gamma"])

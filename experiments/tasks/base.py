@@ -27,7 +27,7 @@ import zlib
 
 import numpy as np
 
-from attn.registry import ConfigError
+from attn.registry import ConfigError, merge_defaults
 from experiments.tasks import layouts
 from experiments.tasks.layouts import BLANK, BOS, EOS, NUM_SPECIAL, PAD, SEP  # noqa: F401
 
@@ -68,17 +68,7 @@ class Task:
     }
 
     def __init__(self, cfg: dict | None = None):
-        merged = dict(self.DEFAULTS)
-        for key, value in dict(cfg or {}).items():
-            if key == "name":
-                continue
-            if key not in merged:
-                raise ConfigError(
-                    f"task.{key}: unknown field for task {self.NAME!r}; "
-                    f"allowed: {', '.join(sorted(merged))}"
-                )
-            merged[key] = value
-        self.cfg = merged
+        self.cfg = merge_defaults(self.DEFAULTS, {**dict(cfg or {}), "name": self.NAME}, "task")
         self.id = task_id(self.NAME)
         self._validate_lengths()
 
