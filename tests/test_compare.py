@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from experiments import compare
+from experiments import compare, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_LEN = 8
@@ -179,7 +179,7 @@ def test_plot_attention_on_arrays(tmp_path):
     logits = rng.normal(size=(2, 3, 6, 6))
     weights = {i: np.exp(logits[i]) / np.exp(logits[i]).sum(-1, keepdims=True) for i in range(2)}
     weights[1] = weights[1][None]  # BHLS is accepted too
-    path = compare.plot_attention(
+    path = plots.plot_attention(
         weights, tmp_path / "attention_x.png", title="x", tokens=list("abcdef")
     )
     _png_ok(path)
