@@ -45,8 +45,9 @@ log = logging.getLogger("attn.evaluate")
 def _eval_config(config):
     """The config the eval model is built from: eval.random_positions -> sampler at_eval."""
     cfg = config.copy_and_resolve_references()
-    if "at_eval" in cfg.model.positions:
-        cfg.model.positions.at_eval = bool(config.eval.random_positions)
+    positions = cfg.model.get("positions")  # recurrent and SSM models have no sampler
+    if positions is not None and "at_eval" in positions:
+        positions.at_eval = bool(config.eval.random_positions)
     return cfg
 
 
