@@ -5,12 +5,15 @@ own defaults; this file also runs on its own:
 
   python -m experiments.main --config configs/base.py:pe=rope --workdir runs/base_rope
 
-Structural choices are the `k=v` arg (`ARGS` lists the keys): task, model, pe, sampler,
-scorer, size, smoke. Every other field is a scalar override, e.g.
-`--config.model.pe.max_wavelength=500 --config.train.steps=2000`. The pe / positions / scorer /
-task blocks are `{"name": ..., **DEFAULTS}` of that registry entry, so a block only holds the
-fields its entry understands and the locked config rejects typos. `smoke=true` gives tiny
-sizes and a few steps (tests).
+Structural choices are the `k=v` arg (`ARGS` lists the keys): task, model, pe, sampler, scorer,
+optimizer, schedule, size, smoke; each brings its registry entry's defaults, e.g.
+`configs/formal.py:pe=rope,optimizer=adamw,schedule=cosine`. An override of a block's name
+(`--config.train.schedule.name=rsqrt`) does the same: the block is rebuilt from the new entry's
+defaults plus the fields given on the command line. Every other field is a scalar override,
+e.g. `--config.model.pe.max_wavelength=500 --config.train.steps=2000`. The pe / positions /
+scorer / task blocks are `{"name": ..., **DEFAULTS}` of that registry entry, so a block only
+holds the fields its entry understands and the locked config rejects typos. `smoke=true` gives
+tiny sizes and a few steps (tests).
 
 Defaults follow Deletang et al. 2023 (arXiv 2207.02098) where a paper protocol applies:
 Adam, gradient clipping 1.0, batch 128, encoder of 5 layers x d_model 64 x 8 heads, MLP 4x ReLU,
@@ -36,6 +39,9 @@ ARGS = {
     "scorer": "",
     "size": "s",
     "smoke": False,
+    # "" = the config file's own choice (adam, constant unless the file says otherwise)
+    "optimizer": "",
+    "schedule": "",
 }
 SMOKE_ARGS = "smoke=true"
 
@@ -87,14 +93,15 @@ def build(
     scorer: str,
     size: str,
     smoke: bool,
-    optimizer: str = "adam",
+    optimizer: str = "",
     lr: float = 3e-4,
-    schedule: str = "constant",
+    schedule: str = "",
     batch_size: int = 128,
     steps: int = 10_000,
     **model_overrides,
 ) -> ml_collections.ConfigDict:
     """The full config for one run; the family configs pass their own defaults."""
+    optimizer, schedule = optimizer or "adam", schedule or "constant"
     model_block = _model_block(model, size, pe, sampler, scorer)
     model_block.update(model_overrides)
     variant = "/".join(

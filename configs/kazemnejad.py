@@ -67,7 +67,12 @@ def get_config(arg: str | None = None):
     mini, lr = args.pop("mini"), args.pop("lr")
     del args["seeds"]
     args["size"] = args["size"] or (MINI["size"] if mini else "l")
+    protocol_schedule = not args["schedule"] and not mini
+    if protocol_schedule:
+        args["schedule"] = "cosine"
     config = algorithmic.get_config(",".join(f"{k}={v}" for k, v in args.items()))
+    if protocol_schedule:
+        config.train.schedule.warmup = 1_000
     config.train.optimizer.lr = lr or (MINI["lr"] if mini else 1e-4)
     config.eval.lengths = "task"
     if mini:

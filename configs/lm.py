@@ -25,4 +25,5 @@ SMOKE_ARGS = "smoke=true"
 
 def get_config(arg: str | None = None):
     args = config_utils.parse_arg(arg, ARGS)
-    return base.build(task="text", **args, lr=1e-3, schedule="cosine", batch_size=32, steps=20_000)
+    args["schedule"] = args["schedule"] or "cosine"
+    return base.build(task="text", **args, lr=1e-3, batch_size=32, steps=20_000)

@@ -84,6 +84,53 @@ def load_json(path: str) -> ml_collections.ConfigDict:
     return config
 
 
+def _block_registries() -> dict[str, Mapping[str, Any]]:
+    """Config paths of registry blocks -> their registries (imported on use: they pull JAX)."""
+    import attn.pe
+    import attn.positions
+    import attn.scoring
+    from experiments import optim, tasks
+
+    return {
+        "task": tasks.REGISTRY,
+        "model.pe": attn.pe.REGISTRY,
+        "model.positions": attn.positions.REGISTRY,
+        "model.scorer": attn.scoring.REGISTRY,
+        "train.optimizer": optim.OPTIMIZERS,
+        "train.schedule": optim.SCHEDULES,
+    }
+
+
+def overridden_fields(argv: Sequence[str]) -> set[str]:
+    """Dotted config paths set on the command line (`--config.a.b=v` -> "a.b")."""
+    return {m.group(1) for a in argv if (m := re.match(r"--?(?:no)?config\.([\w.]+)", a))}
+
+
+def reconcile_blocks(config: ml_collections.ConfigDict, argv: Sequence[str]):
+    """Rebuild every registry block whose name the command line changed
+    (`--config.train.schedule.name=rsqrt`) from the new entry's DEFAULTS plus the block's
+    fields that the command line also set; a set field the new entry lacks is a ConfigError.
+    Returns the (locked) config."""
+    overridden = overridden_fields(argv)
+    for path, registry in _block_registries().items():
+        if f"{path}.name" not in overridden:
+            continue
+        parent_path, key = path.rpartition(".")[::2]
+        parent = config
+        for part in filter(None, parent_path.split(".")):
+            parent = parent[part]
+        if key not in parent:
+            continue
+        block = parent[key]
+        cls = lookup(registry, block.name, f"{path}.name")
+        given = {k: block[k] for k in block if k != "name" and f"{path}.{k}" in overridden}
+        merged = merge_defaults(getattr(cls, "DEFAULTS", {}), {"name": block.name, **given}, path)
+        with config.unlocked():
+            parent[key] = ml_collections.ConfigDict({"name": block.name, **merged})
+    config.lock()
+    return config
+
+
 def parse_lengths(values: Sequence[str] | None) -> list[int] | None:
     """`--lengths 40,80,160` -> [40, 80, 160]; anything but positive integers is a ConfigError."""
     if not values:
@@ -168,6 +215,13 @@ def _missing_override(argv: Sequence[str]) -> str | None:
                 allowed = (
                     f"fields of {where}: {', '.join(fields)}" if fields else f"{where} is a value"
                 )
+                block = ".".join(path[:i])
+                if "name" in fields and block in _block_registries():
+                    arg = block.rsplit(".", 1)[-1]
+                    allowed += (
+                        f" (those of {node['name']!r}); another entry's fields come with the "
+                        f"config arg, e.g. {spec.split(':', 1)[0]}:{arg}=NAME"
+                    )
                 return f"config.{'.'.join(path[: i + 1])}: no such field; {allowed}"
             node = node[key]
     return None

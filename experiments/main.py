@@ -48,7 +48,8 @@ def main(argv: list[str]) -> None:
         lengths = config_utils.parse_lengths(f.lengths)
         mesh.init_distributed(f.distributed)
         if f.mode == "train":
-            result = train.run(f.config, f.workdir, eval_lengths=lengths)
+            config = config_utils.reconcile_blocks(f.config, sys.argv)
+            result = train.run(config, f.workdir, eval_lengths=lengths)
         else:
             result = evaluate.run(f.workdir, lengths=lengths)
     except (ConfigError, RunError) as e:

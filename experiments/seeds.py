@@ -239,7 +239,7 @@ def main(argv) -> None:
             raise ConfigError("--seeds: required, e.g. 0,1,2,3")
         seeds = [int(s) for s in f.seeds]
         results = run(
-            f.config,
+            config_utils.reconcile_blocks(f.config, sys.argv),
             [f.workdir.format(seed=s) for s in seeds],
             seeds,
             eval_lengths=config_utils.parse_lengths(f.lengths),

@@ -82,3 +82,84 @@ def test_bad_config_exits_2_with_one_line(args, field, tmp_path):
     assert len(lines) == 1 and field in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def _reconciled(arg: str, *overrides: str):
+    from configs import formal
+    from experiments import config_utils
+
+    config = formal.get_config(arg)
+    argv = [f"--config.{o}" for o in overrides]
+    with config.unlocked():
+        for o in overrides:
+            path, value = o.split("=", 1)
+            node = config
+            *parents, key = path.split(".")
+            for p in parents:
+                node = node[p]
+            node[key] = type(node[key])(value) if node[key] is not None else value
+    return config_utils.reconcile_blocks(config, argv)
+
+
+def test_config_arg_swaps_a_block_with_that_entrys_defaults():
+    from configs import formal
+
+    config = formal.get_config("smoke=true,optimizer=adamw,schedule=cosine")
+    assert config.train.optimizer.to_dict() == {
+        "name": "adamw",
+        "lr": 3e-4,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+    }
+    assert config.train.schedule.to_dict() == {"name": "cosine", "warmup": 0, "min_ratio": 0.0}
+
+
+def test_name_override_rebuilds_the_block_from_the_new_entry():
+    # rsqrt shares constant's only field (warmup) but not its default: 1000, not 0.
+    config = _reconciled("smoke=true", "train.schedule.name=rsqrt")
+    assert config.train.schedule.to_dict() == {"name": "rsqrt", "warmup": 1000}
+    config = _reconciled("smoke=true", "train.schedule.name=rsqrt", "train.schedule.warmup=7")
+    assert config.train.schedule.warmup == 7
+    config = _reconciled("smoke=true", "train.optimizer.name=sgd", "train.optimizer.lr=0.5")
+    assert config.train.optimizer.to_dict() == {
+        "name": "sgd",
+        "lr": 0.5,
+        "momentum": 0.9,
+        "nesterov": False,
+    }
+    config = _reconciled("smoke=true", "model.pe.name=alibi")
+    assert config.model.pe.to_dict() == {"name": "alibi", "bidirectional_offset": 0.5}
+    assert config.is_locked
+    with pytest.raises(ConfigError, match=r"^train.optimizer.b1: unknown field for 'sgd'; allowed"):
+        _reconciled("smoke=true", "train.optimizer.name=sgd", "train.optimizer.b1=0.5")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config.train.schedule.name=cosine", "--config.train.schedule.min_ratio=0.1"],
+            "config.train.schedule.min_ratio: no such field; fields of config.train.schedule: "
+            "name, warmup (those of 'constant'); another entry's fields come with the config "
+            "arg, e.g. configs/formal.py:schedule=NAME",
+        ),
+        (
+            ["--config.train.optimizer.name=sgd", "--config.train.optimizer.b1=0.5"],
+            "train.optimizer.b1: unknown field for 'sgd'; allowed: lr, momentum, nesterov",
+        ),
+    ],
+)
+def test_block_switch_errors_name_the_entrys_fields(args, message, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "--config=configs/formal.py:smoke=true",
+        f"--workdir={tmp_path / 'w'}",
+        *args,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
