@@ -24,7 +24,10 @@ Implementations, selected by `impl` (dispatch through the IMPLEMENTATIONS dict):
 - "xla" / "cudnn": `jax.nn.dot_product_attention`. Its `is_causal` and `local_window_size` are
   top-left aligned when L != S, so our mask is passed explicitly (cuDNN gets its own flags
   only where they mean the same, L == S); it averages fully masked rows, so they are zeroed
-  afterwards. Its GQA grouping is contiguous, like ours. cuDNN needs a GPU and bf16/fp16.
+  afterwards. Its GQA grouping is contiguous, like ours. cuDNN needs a GPU (compute
+  capability >= 8.0) and bf16/fp16; key padding reaches it as `key_value_seq_lengths`
+  (right padding), and any bias or other mask as one L x S bias in q's dtype with the mask
+  applied by `where` in float32 (`cudnn_arguments`).
 - "flash": a Pallas kernel (attn.kernels.flash; FlashAttention-2 forward and backward, Triton
   on GPU, Mosaic on TPU, interpret mode on CPU) that computes a positional encoding's bias
   inside the kernel from integer positions: ALiBi, T5, KERPLE and any per-distance table, via
@@ -32,9 +35,10 @@ Implementations, selected by `impl` (dispatch through the IMPLEMENTATIONS dict):
   Masks are causal/window by index and key padding as per-row lengths (right padding). A
   call it cannot express (a general mask, an array bias, FIRE / Shaw / CoPE biases, float
   positions) runs on "chunked" instead, logged once per reason.
-- "auto": `choose_impl` by shapes, bias kind and backend (on GPU cuDNN when there is no bias,
-  flash when the call has a kernel form, on TPU flash; else chunked for long or large, else
-  dense; never flash on CPU, where Pallas only interprets); logs each distinct choice once.
+- "auto": `choose_impl` by shapes, bias kind, mask kind and backend (on GPU cuDNN when there
+  is no bias and the masks are key padding and causal/left window; flash when the call has a
+  kernel form, on GPU and TPU; else chunked for long or large, else dense; never flash on
+  CPU, where Pallas only interprets); logs each distinct choice once.
 
 Measured on the shared 2-core CPU (B=1, H=8, K=64; method in the attention report): the
 chunked causal forward costs ~2x less CPU than XLA at 1k-2k and ~5x less at 8k; chunked
@@ -645,12 +649,36 @@ def _xla(q_BLHK, k_BSGK, v_BSGK, **kw) -> jax.Array:
 
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# JAX's cuDNN flash attention needs compute capability 8.0 (Ampere) or newer.
+CUDNN_MIN_CAPABILITY = 8.0
 
 
-def cudnn_unsupported_reason(q_shape, dtype, backend: str) -> str | None:
-    """Why cuDNN flash attention cannot run this call, or None if it can."""
+def backend() -> str:
+    """JAX's default backend; one function, so tests can present a CPU as a "gpu"."""
+    return jax.default_backend()
+
+
+def gpu_capability() -> float | None:
+    """Compute capability of the first GPU (e.g. 9.0 for an H100), or None if unknown."""
+    cap = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return float(cap) if cap is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def cudnn_unsupported_reason(
+    q_shape, dtype, backend: str, *, capability: float | None = None
+) -> str | None:
+    """Why cuDNN flash attention cannot run this call, or None if it can.
+
+    `backend` ("cpu", "gpu", "tpu") is an argument so that the GPU answer can be checked on
+    any machine; `capability` is the GPU's compute capability where it is known.
+    """
     if backend != "gpu":
         return f"needs a GPU, the JAX backend is {backend}"
+    if capability is not None and capability < CUDNN_MIN_CAPABILITY:
+        return f"needs compute capability >= {CUDNN_MIN_CAPABILITY}, this GPU has {capability}"
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
         return f"needs bfloat16/float16 inputs, got {jnp.dtype(dtype).name}"
     K = q_shape[-1]
@@ -659,29 +687,104 @@ def cudnn_unsupported_reason(q_shape, dtype, backend: str) -> str | None:
     return None
 
 
+def mask_kind(mask, B: int, S: int) -> str:
+    """ "none", "key" (key padding, shape (B|1, 1, 1, S), read as right padding) or
+    "general" (anything else: per-query masks such as a KV cache's)."""
+    if mask is None:
+        return "none"
+    shape = (1,) * (4 - jnp.ndim(mask)) + tuple(jnp.shape(mask))
+    if shape[1] == 1 and shape[2] == 1 and shape[0] in (1, B) and shape[3] == S:
+        return "key"
+    return "general"
+
+
+def key_lengths(mask, B: int, S: int) -> jax.Array:
+    """(B,) int32 key lengths of a key-padding mask, which must be right padding (checked
+    whenever the mask is concrete, i.e. outside jit; every attn model pads on the right)."""
+    valid = jnp.broadcast_to(jnp.asarray(mask, bool).reshape(-1, S), (B, S))
+    lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    if not isinstance(valid, jax.core.Tracer):
+        right = jnp.arange(S)[None, :] < lengths[:, None]
+        if not bool(jnp.all(valid == right)):
+            raise ValueError("attention: a key-padding mask must be right padding for cuDNN")
+    return lengths
+
+
+def _cudnn_flags(L: int, S: int, causal: bool, window) -> dict | None:
+    """cuDNN's own causal / left-window flags when they mean what ours do, {} when there is
+    nothing to mask, None when the causal/window mask must be materialised. cuDNN's mask is
+    top-left aligned, which equals our bottom-right one only when L == S, and it has no
+    right window."""
+    if not causal and window is None:
+        return {}
+    if L != S or not causal:
+        return None
+    flags = {"is_causal": True}
+    if window is not None:
+        flags["local_window_size"] = (window - 1, 0)
+    return flags
+
+
+def cudnn_arguments(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> dict:
+    """Everything the cuDNN path passes to `jax.nn.dot_product_attention`, as keywords.
+
+    - Key padding (a (B|1, 1, 1, S) mask, right padded) goes in as `key_value_seq_lengths`
+      (cuDNN's padding mask); JAX's wrapper would otherwise turn the mask into a (B, 1, 1, S)
+      bias, which its cuDNN layout check rejects ("Bias must have same seq length as QKV").
+      Lengths are clamped to >= 1 (a row with no key is zeroed afterwards, see `_cudnn`).
+    - Causal and left-window masks go in as cuDNN's flags where they mean the same (L == S).
+    - Anything else (a positional bias, a general mask, a causal mask with L != S, a right
+      window) becomes one (B|1, H|1, L, S) bias built in float32, the mask applied with
+      `where` (never added), and cast once to q's dtype, as cuDNN wants. `mask` is never
+      passed: JAX's wrapper would add it to the bias in q's dtype.
+    """
+    B, L, H, _ = q_BLHK.shape
+    S = k_BSGK.shape[1]
+    kind = mask_kind(mask, B, S)
+    kw = {
+        "bias": None,
+        "mask": None,
+        "scale": default_scale(scale, q_BLHK.shape[-1]),
+        "implementation": "cudnn",
+    }
+    flags = _cudnn_flags(L, S, causal, window)
+    if kind == "key":
+        kw["key_value_seq_lengths"] = jnp.maximum(key_lengths(mask, B, S), 1)
+    positional = None
+    if flags is None:
+        positional = masks_lib.window_mask(L, S, window, causal)
+        flags = {}
+    kw.update(flags)
+    allowed = masks_lib.combine(mask if kind == "general" else None, positional)
+    b = full_bias(bias, L, S)
+    if b is not None or allowed is not None:
+        b = _as_4d(jnp.zeros((), jnp.float32) if b is None else b)
+        if allowed is not None:
+            neg = 0.7 * float(jnp.finfo(q_BLHK.dtype).min)
+            b = jnp.where(_as_4d(allowed), b, neg)
+        b4 = b.shape
+        kw["bias"] = jnp.broadcast_to(b, (b4[0], b4[1], L, S)).astype(q_BLHK.dtype)
+    return kw
+
+
 def _cudnn(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.Array:
-    reason = cudnn_unsupported_reason(q_BLHK.shape, q_BLHK.dtype, jax.default_backend())
+    """cuDNN flash attention through `jax.nn.dot_product_attention` (see `cudnn_arguments`)."""
+    reason = cudnn_unsupported_reason(q_BLHK.shape, q_BLHK.dtype, backend())
     if reason is not None:
         raise ConfigError(f"model.impl: 'cudnn' {reason}; use 'auto', 'xla' or 'chunked'")
-    flags = {}
-    # cuDNN's causal mask and left window are top-left aligned, which equals ours when L == S;
-    # it has no right window, so a non-causal window goes in as an explicit mask.
-    if q_BLHK.shape[1] == k_BSGK.shape[1] and causal:
-        flags = {"is_causal": True}
-        if window is not None:
-            flags["local_window_size"] = (window - 1, 0)
-    return _jax_nn(
-        q_BLHK,
-        k_BSGK,
-        v_BSGK,
-        bias=bias,
-        mask=mask,
-        causal=causal,
-        window=window,
-        scale=scale,
-        implementation="cudnn",
-        flags=flags,
+    B, L, _, _ = q_BLHK.shape
+    S = k_BSGK.shape[1]
+    kw = cudnn_arguments(
+        q_BLHK, k_BSGK, v_BSGK, bias=bias, mask=mask, causal=causal, window=window, scale=scale
     )
+    dtype = q_BLHK.dtype
+    out = jax.nn.dot_product_attention(q_BLHK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), **kw)
+    # Rows that see no key return zeros (cuDNN averages or leaves them undefined).
+    kind = mask_kind(mask, B, S)
+    if kind == "key":
+        out = jnp.where((key_lengths(mask, B, S) > 0)[:, None, None, None], out, 0)
+    allowed = combined_mask(L, S, mask if kind == "general" else None, causal, window)
+    return _zero_masked_rows(out, None if allowed is None else _as_4d(allowed))
 
 
 # ------------------------------------------------------------------------------------- auto
@@ -699,29 +802,41 @@ def choose_impl(
     causal=False,
     window=None,
     callable_bias=False,
+    array_bias=False,
+    mask="none",
     backend="cpu",
     flash=False,
+    capability=None,
 ) -> str:
-    """The implementation `impl="auto"` uses for these shapes, bias kind and backend.
+    """The implementation `impl="auto"` uses for these shapes, bias kind, mask kind and backend.
 
-    `flash`: whether the flash kernel can express the call (attn.kernels.flash
-    .unsupported_reason is None). On GPU and TPU flash wherever it applies, except that cuDNN
-    goes first on a GPU when there is no bias at all (a vendor kernel with nothing to
-    compute in-kernel); never flash on CPU (interpret mode). Otherwise cuDNN where it runs,
-    unless a bias callable would have to be materialised too large for
-    it; chunked when float32 logits (plus a materialised bias callable) would exceed
-    AUTO_MAX_LOGITS_BYTES, or when a causal/window mask hides enough key blocks for skipping
-    them to beat materialising (measured on CPU: from 1k); otherwise dense (materialised
-    with the saved-probabilities backward, 3x faster than XLA's training step at the w1 shape).
+    `mask` is `mask_kind`'s answer; `flash`: whether the flash kernel can express the call
+    (attn.kernels.flash.unsupported_reason is None). In order:
+    - cuDNN on a GPU when the call has no bias at all and its masks are key padding (as
+      sequence lengths) and causal/left-window flags (L == S): a vendor kernel with nothing
+      to materialise. A bias never goes to cuDNN from auto: it would be materialised L x S
+      and rounded to bf16 (an ALiBi bias at distance 1000 has a bf16 step of 4 logits);
+    - flash on a GPU or TPU wherever it applies (biases computed in-kernel in float32);
+      never on CPU (interpret mode);
+    - chunked when float32 logits (plus a materialised bias callable) would exceed
+      AUTO_MAX_LOGITS_BYTES, or when a causal/window mask hides enough key blocks for
+      skipping them to beat materialising (measured on CPU: from 1k);
+    - otherwise dense (materialised with the saved-probabilities backward, 3x faster than
+      XLA's training step at the w1 shape).
     """
     B, L, H, _ = q_shape
     S = k_shape[1]
     too_big = B * H * L * S * 4 * (2 if callable_bias else 1) > AUTO_MAX_LOGITS_BYTES
-    cudnn = cudnn_unsupported_reason(q_shape, dtype, backend) is None
-    if flash and backend in ("gpu", "tpu") and not (cudnn and not callable_bias):
-        return "flash"
-    if cudnn and not (callable_bias and too_big):
+    cudnn = (
+        cudnn_unsupported_reason(q_shape, dtype, backend, capability=capability) is None
+        and not (callable_bias or array_bias)
+        and mask != "general"
+        and _cudnn_flags(L, S, causal, window) is not None
+    )
+    if cudnn:
         return "cudnn"
+    if flash and backend in ("gpu", "tpu"):
+        return "flash"
     masked = causal or window is not None
     if too_big or (masked and min(L, S) >= AUTO_CHUNKED_CAUSAL_MIN_LEN):
         return "chunked"
@@ -749,7 +864,7 @@ def _flash_kernel(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) 
 
 
 def _auto(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.Array:
-    backend = jax.default_backend()
+    platform = backend()
     name = choose_impl(
         q_BLHK.shape,
         k_BSGK.shape,
@@ -757,8 +872,11 @@ def _auto(q_BLHK, k_BSGK, v_BSGK, *, bias, mask, causal, window, scale) -> jax.A
         causal=causal,
         window=window,
         callable_bias=callable(bias),
-        backend=backend,
-        flash=backend != "cpu" and _flash_reason(q_BLHK, k_BSGK, bias, mask) is None,
+        array_bias=bias is not None and not callable(bias),
+        mask=mask_kind(mask, q_BLHK.shape[0], k_BSGK.shape[1]),
+        backend=platform,
+        flash=platform != "cpu" and _flash_reason(q_BLHK, k_BSGK, bias, mask) is None,
+        capability=gpu_capability() if platform == "gpu" else None,
     )
     B, L, H, _ = q_BLHK.shape
     key = (name, B, L, k_BSGK.shape[1], H, k_BSGK.shape[2])

@@ -1,0 +1,237 @@
+"""Accelerator paths checked on a CPU: what reaches cuDNN, launch.sh's detection, check.
+
+The cuDNN seam: `attn.attention.backend` is made to answer "gpu" and
+`jax.nn.dot_product_attention` is replaced by a recorder that runs the recorded call with
+implementation="xla" (which takes the same arguments on a CPU), so these tests pin down
+exactly which bias, mask, flags and sequence lengths the cuDNN path hands to JAX, and that
+the answer equals the reference.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attn.models
+from attn import attention
+from experiments import state as state_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Calls that reached jax.nn.dot_product_attention, each as its keyword dict, and the
+    implementations `auto` picked, as (name, bias kind, mask kind)."""
+    calls, picked = [], []
+    real = jax.nn.dot_product_attention
+
+    def record(q, k, v, bias=None, mask=None, **kw):
+        calls.append({"bias": bias, "mask": mask, "q": q, **kw})
+        assert kw["implementation"] == "cudnn"
+        return real(q, k, v, bias=bias, mask=mask, **{**kw, "implementation": "xla"})
+
+    def recorder(name, fn):
+        def impl(q, k, v, *, bias, mask, **kw):
+            kind = "none" if bias is None else ("callable" if callable(bias) else "array")
+            picked.append((name, kind, attention.mask_kind(mask, q.shape[0], k.shape[1])))
+            return fn(q, k, v, bias=bias, mask=mask, **kw)
+
+        return impl
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+    monkeypatch.setattr(attention, "backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "gpu_capability", lambda: 9.0)
+    # flash runs in Pallas interpret mode on a CPU (slow): chunked computes the same thing.
+    for name, fn in (
+        ("cudnn", attention._cudnn),
+        ("flash", attention.chunked_attention),
+        ("chunked", attention.chunked_attention),
+        ("dense", attention.dense_attention),
+    ):
+        monkeypatch.setitem(attention.IMPLEMENTATIONS, name, recorder(name, fn))
+    attention._logged_choices.clear()
+    return calls, picked
+
+
+def _qkv(B=2, L=16, S=16, H=4, G=2, K=16, dtype=jnp.bfloat16, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(
+        jnp.asarray(rng.standard_normal(s), dtype)
+        for s in ((B, L, H, K), (B, S, G, K), (B, S, G, K))
+    )
+
+
+def _padding(lengths, S):
+    return (np.arange(S)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+
+
+def _close(got, want, atol=3e-2):
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol, rtol=0
+    )
+
+
+def test_cudnn_reason_and_choice_for_a_gpu_backend_on_any_machine():
+    q = (2, 1024, 8, 64)
+    gpu = dict(dtype=jnp.bfloat16, backend="gpu")
+    assert attention.cudnn_unsupported_reason(q, jnp.bfloat16, "gpu") is None
+    assert "needs a GPU" in attention.cudnn_unsupported_reason(q, jnp.bfloat16, "cpu")
+    assert "bfloat16" in attention.cudnn_unsupported_reason(q, jnp.float32, "gpu")
+    assert "capability" in attention.cudnn_unsupported_reason(
+        q, jnp.bfloat16, "gpu", capability=7.0
+    )
+    assert attention.choose_impl(q, q, causal=True, mask="key", **gpu) == "cudnn"
+    assert attention.choose_impl(q, q, causal=True, window=64, **gpu) == "cudnn"
+    # Right window, causal with L != S, a per-query mask, any bias: never cuDNN from auto.
+    assert attention.choose_impl(q, q, window=64, **gpu) != "cudnn"
+    assert attention.choose_impl((2, 8, 8, 64), q, causal=True, **gpu) != "cudnn"
+    assert attention.choose_impl(q, q, mask="general", **gpu) != "cudnn"
+    assert attention.choose_impl(q, q, array_bias=True, **gpu) != "cudnn"
+    assert attention.choose_impl(q, q, callable_bias=True, flash=True, **gpu) == "flash"
+    assert attention.choose_impl(q, q, callable_bias=True, causal=True, **gpu) == "chunked"
+    assert attention.choose_impl(q, q, capability=7.5, **gpu) == "dense"
+
+
+def test_key_padding_reaches_cudnn_as_sequence_lengths(fake_gpu):
+    calls, _ = fake_gpu
+    q, k, v = _qkv()
+    mask = _padding([16, 9], 16)
+    got = attention.dot_product_attention(q, k, v, mask=mask, causal=True, impl="cudnn")
+    (call,) = calls
+    assert call["bias"] is None and call["mask"] is None
+    assert call["is_causal"] is True and "local_window_size" not in call
+    assert call["key_value_seq_lengths"].dtype == jnp.int32
+    np.testing.assert_array_equal(call["key_value_seq_lengths"], [16, 9])
+    assert call.get("query_seq_lengths") is None
+    want = attention.dot_product_attention(q, k, v, mask=mask, causal=True, impl="reference")
+    _close(got, want)
+
+
+def test_no_mask_no_bias_passes_nothing(fake_gpu):
+    calls, _ = fake_gpu
+    q, k, v = _qkv(L=8, S=24)
+    got = attention.dot_product_attention(q, k, v, impl="cudnn")
+    (call,) = calls
+    assert call["bias"] is None and call["mask"] is None
+    assert not {"is_causal", "key_value_seq_lengths"} & set(call)
+    _close(got, attention.dot_product_attention(q, k, v, impl="reference"))
+
+
+def test_bias_and_padding_never_add_a_mask_in_bf16(fake_gpu):
+    calls, _ = fake_gpu
+    q, k, v = _qkv()
+    H, L, S = 4, 16, 16
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
+    bias = -slopes[:, None, None] * jnp.abs(jnp.arange(L)[:, None] - jnp.arange(S)[None, :])
+    mask = _padding([16, 5], S)
+    got = attention.dot_product_attention(q, k, v, bias=bias, mask=mask, causal=True, impl="cudnn")
+    (call,) = calls
+    assert call["mask"] is None
+    assert call["bias"].shape == (1, H, L, S) and call["bias"].dtype == jnp.bfloat16
+    # The bias reaches cuDNN as it is (causal and padding are flags and lengths, not bias).
+    np.testing.assert_array_equal(call["bias"][0], bias.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(call["key_value_seq_lengths"], [16, 5])
+    want = attention.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, causal=True, impl="reference"
+    )
+    _close(got, want)
+
+
+@pytest.mark.parametrize("case", ["general_mask", "causal_L_ne_S", "right_window"])
+def test_masks_cudnn_cannot_express_become_one_where_bias(fake_gpu, case):
+    calls, _ = fake_gpu
+    L, S = (4, 12) if case == "causal_L_ne_S" else (12, 12)
+    q, k, v = _qkv(L=L, S=S)
+    kw = {
+        "general_mask": {"mask": np.tril(np.ones((L, S), bool))[None, None]},
+        "causal_L_ne_S": {"causal": True},
+        "right_window": {"window": 3},
+    }[case]
+    got = attention.dot_product_attention(q, k, v, impl="cudnn", **kw)
+    (call,) = calls
+    assert call["mask"] is None and "is_causal" not in call
+    b = np.asarray(call["bias"], np.float32)
+    assert call["bias"].dtype == jnp.bfloat16 and b.shape[2:] == (L, S)
+    allowed = np.broadcast_to(
+        attention.combined_mask(L, S, kw.get("mask"), kw.get("causal", False), kw.get("window")),
+        b.shape,
+    )
+    assert (b[allowed] == 0).all() and (b[~allowed] < -1e37).all()
+    _close(got, attention.dot_product_attention(q, k, v, impl="reference", **kw))
+
+
+def test_rows_without_keys_are_zero_and_lengths_stay_positive(fake_gpu):
+    calls, _ = fake_gpu
+    q, k, v = _qkv(L=6, S=6)
+    out = attention.dot_product_attention(q, k, v, mask=_padding([6, 0], 6), impl="cudnn")
+    np.testing.assert_array_equal(calls[0]["key_value_seq_lengths"], [6, 1])
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    with pytest.raises(ValueError, match="right padding"):
+        left = np.array([[False, True, True, True, True, True]] * 2)[:, None, None, :]
+        attention.dot_product_attention(q, k, v, mask=left, impl="cudnn")
+
+
+def _model_cfg(model, pe, **extra):
+    cfg = attn.models.default_config(model)
+    cfg.update(
+        num_layers=1,
+        d_model=32,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        mlp_dim=32,
+        dropout=0.0,
+        dtype="bfloat16",
+        pe={"name": pe},
+        **extra,
+    )
+    return cfg
+
+
+def _lm_batch(B=2, T=12, lengths=(12, 7), vocab=20):
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(4, vocab, (B, T)).astype(np.int32)
+    mask = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    inputs = np.where(mask, inputs, 0)
+    return {
+        "inputs": jnp.asarray(inputs),
+        "targets": jnp.asarray(inputs),
+        "loss_mask": jnp.asarray(mask, jnp.float32),
+        "token_mask": jnp.asarray(mask),
+    }
+
+
+NO_BIAS = ("none", "sinusoidal", "learned", "rope", "xpos")
+
+
+@pytest.mark.parametrize(
+    "pe,model,want",
+    [(pe, "decoder", "cudnn") for pe in NO_BIAS]
+    + [("rope", "encoder", "cudnn"), ("alibi", "decoder", "flash"), ("t5", "encoder", "flash")]
+    + [("kerple", "decoder", "flash"), ("fire", "decoder", "dense")],
+)
+def test_what_each_pe_hands_to_attention_on_a_gpu(fake_gpu, pe, model, want):
+    """bf16 models with right padding: no-bias PEs reach cuDNN with lengths and no bias or
+    mask; bias PEs go to the flash kernel (their bias in float32, in-kernel), or where it
+    cannot express them, chunked/dense; the outputs match the CPU's choice."""
+    calls, picked = fake_gpu
+    batch = _lm_batch()
+    model_obj = attn.models.build(_model_cfg(model, pe), vocab_size=20, rngs=state_lib.rngs(0))
+    got = model_obj(batch, train=False)
+    names = {p[0] for p in picked}
+    assert names == {want}, picked
+    if want == "cudnn":
+        assert calls and all(c["bias"] is None and c["mask"] is None for c in calls)
+        for c in calls:
+            np.testing.assert_array_equal(c["key_value_seq_lengths"], [12, 7])
+            assert c.get("is_causal", False) == (model == "decoder")
+    else:
+        assert not calls
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "backend", lambda: "cpu")
+        want_logits = model_obj(batch, train=False)
+    real = np.asarray(batch["token_mask"])
+    _close(np.asarray(got, np.float32)[real], np.asarray(want_logits, np.float32)[real], atol=5e-2)
