@@ -42,7 +42,7 @@ from attn.registry import ConfigError, require
 from experiments import config_utils, evaluate, metrics, optim, train
 from experiments import mesh as mesh_lib
 from experiments import state as state_lib
-from experiments.validate import resolve_eval_lengths, validate
+from experiments.validate import resolve_eval_lengths, run_identity, validate
 from experiments.workdir import RunError, StopSignals, ensure_writable_dir, workdir_lock
 
 log = logging.getLogger("attn.seeds")
@@ -169,12 +169,19 @@ def run(config, workdirs: list[str], seeds: list[int], *, eval_lengths=None) -> 
     with contextlib.ExitStack() as stack_:
         for wd in workdirs:
             stack_.enter_context(workdir_lock(wd))
+        changes = [run_identity(c, w) for c, w in zip(configs, workdirs, strict=True)]
+        finished = [
+            train.finished_results(w, ch, eval_lengths)
+            for w, ch in zip(workdirs, changes, strict=True)
+        ]
+        if all(r is not None for r in finished):
+            return finished
         device_mesh = mesh_lib.make_mesh(config)
         tx = optim.make_optimizer(config)
         graphdef, states = init_states(configs, device_mesh, tx)
         files = [
-            stack_.enter_context(train.RunFiles(c, w))
-            for c, w in zip(configs, workdirs, strict=True)
+            stack_.enter_context(train.RunFiles(c, w, changes=ch))
+            for c, w, ch in zip(configs, workdirs, changes, strict=True)
         ]
         restored = [f.restore(states[0]) for f in files]
         steps = {step for _, step in restored}

@@ -27,6 +27,7 @@ Determinism: batches are a pure function of (seed, step) and the RNG is in the s
 run that is killed and resumed reaches bit-identical parameters and metrics rows.
 """
 
+import json
 import logging
 import os
 import signal
@@ -40,14 +41,16 @@ import optax
 from flax import nnx
 
 import attn.models
+from attn.registry import ConfigError, require
 from experiments import checkpoint, config_utils, evaluate, input_pipeline, metrics, optim, tasks
 from experiments import mesh as mesh_lib
 from experiments import state as state_lib
-from experiments.validate import resolve_eval_lengths, validate
+from experiments.validate import resolve_eval_lengths, run_identity, validate
 from experiments.workdir import (
     DONE,
     RunError,
     StopSignals,
+    append_jsonl,
     atomic_write_text,
     rewind_jsonl,
     workdir_lock,
@@ -60,23 +63,103 @@ log = logging.getLogger("attn.train")
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(config, graphdef, tx, *, donate: bool = True):
-    """Jitted `step_fn(state, batch) -> (state, metrics)`; the state argument is donated."""
+def check_training(config) -> int:
+    """ConfigError for a precision or accumulation setting the step cannot train with; returns
+    train.grad_accum_steps.
 
-    def step_fn(state, batch):
-        model = state_lib.merge_model(graphdef, state)
+    float16 is refused: without loss scaling its 5-bit exponent flushes small gradients to
+    zero (Micikevicius et al. 2018), and bfloat16 has float32's range at the same speed on
+    every accelerator JAX runs on (parameters and optimizer state stay float32 either way).
+    """
+    if config.model.get("dtype") == "float16":
+        raise ConfigError(
+            "model.dtype: float16 needs loss scaling, which this trainer does not do; use "
+            "bfloat16 (float32's range, same speed) or float32"
+        )
+    k = config.train.get("grad_accum_steps", 1)
+    require(
+        isinstance(k, int) and k >= 1, "train.grad_accum_steps", f"must be an int >= 1, got {k!r}"
+    )
+    require(
+        config.train.batch_size % k == 0,
+        "train.grad_accum_steps",
+        f"{k} does not divide train.batch_size={config.train.batch_size}",
+    )
+    return k
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+    """(B, ...) -> (k, B / k, ...), micro-batch i holding rows i, i + k, i + 2k, ...: every
+    device's contiguous block of rows (batch sharding) splits into its own part of each
+    micro-batch, so no rows move between devices."""
+    return jax.tree.map(
+        lambda x: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0), batch
+    )
+
+
+def _accumulated_grads(graphdef, state, batch: dict, k: int):
+    """(loss, metrics, grads, rest) of the whole batch from k micro-batches under lax.scan.
+
+    Each micro-batch's loss is its summed token NLL over the whole batch's scored tokens, so
+    the summed gradients are those of the whole batch's mean loss (to float32 rounding). The
+    RNG streams advance once per micro-batch (dropout and sampled positions draw per call).
+    """
+    total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+    def micro(carry, mb):
+        rest, grads, sums = carry
+        model = nnx.merge(graphdef, state["params"], rest)
 
         def loss_fn(model):
-            return metrics.loss_and_metrics(model, batch, train=True)
+            _, m = metrics.loss_and_metrics(model, mb, train=True)
+            return m["nll_sum"] / total, m
 
-        # nnx.value_and_grad differentiates the nnx.Param state and carries the RNG counts
-        # the forward pass advanced back into `model`.
-        (loss, m), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        rest = state_lib.split_model(model)[2]
+        (_, m), g = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grads = jax.tree.map(jnp.add, grads, g)
+        sums = {s: sums[s] + m[s] for s in metrics.SUMS}
+        return (state_lib.split_model(model)[2], grads, sums), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    sums0 = {s: jnp.zeros((), jnp.float32) for s in metrics.SUMS}
+    (rest, grads, sums), _ = jax.lax.scan(
+        micro, (state["rest"], zeros, sums0), _micro_batches(batch, k)
+    )
+    seqs = jnp.maximum(sums["num_seqs"], 1.0)
+    loss = sums["nll_sum"] / total
+    m = {
+        "loss": loss,
+        "token_acc": sums["token_acc_sum"] / seqs,
+        "seq_acc": sums["exact_sum"] / seqs,
+    }
+    return loss, m, grads, rest
+
+
+def make_train_step(config, graphdef, tx, *, donate: bool = True):
+    """Jitted `step_fn(state, batch) -> (state, metrics)`; the state argument is donated.
+
+    With train.grad_accum_steps = k > 1 the batch is split into k micro-batches whose
+    gradients are summed inside the step (one optimizer update per batch, activation memory
+    of B / k rows); every trainer (driver, vmapped seeds, bench) gets it through here.
+    """
+    k = check_training(config)
+
+    def step_fn(state, batch):
+        if k == 1:
+            model = state_lib.merge_model(graphdef, state)
+
+            def loss_fn(model):
+                return metrics.loss_and_metrics(model, batch, train=True)
+
+            # nnx.value_and_grad differentiates the nnx.Param state and carries the RNG counts
+            # the forward pass advanced back into `model`.
+            (loss, m), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+            rest = state_lib.split_model(model)[2]
+        else:
+            loss, m, grads, rest = _accumulated_grads(graphdef, state, batch, k)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
-        out = {k: m[k] for k in ("loss", "token_acc", "seq_acc")}
+        out = {name: m[name] for name in ("loss", "token_acc", "seq_acc")}
         out["grad_norm"] = optax.tree.norm(grads)
         out["lr"] = optim.learning_rate(opt)
         out["skipped"] = optim.skipped_updates(opt)
@@ -217,11 +300,19 @@ class RunFiles:
     Process 0 writes the files; every process takes part in checkpoints and evaluation.
     """
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, changes: dict | None = None):
+        """changes: resumable fields that differ from the config.json on disk (validate's
+        run_identity); they are recorded in config_changes.jsonl before config.json is
+        replaced."""
         self.config = config
         self.workdir = workdir
         self.main = jax.process_index() == 0
         if self.main:
+            if changes:
+                append_jsonl(
+                    os.path.join(workdir, "config_changes.jsonl"),
+                    {"date": _now(), "changes": {k: list(v) for k, v in changes.items()}},
+                )
             atomic_write_text(os.path.join(workdir, "config.json"), config_utils.to_json(config))
         t = config.train
         self.ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every)
@@ -232,6 +323,11 @@ class RunFiles:
         """(state, step) of the newest good checkpoint, or (None, None)."""
         t0 = time.perf_counter()
         state, step = self.ckpt.restore(target)
+        if step is not None and step > self.config.train.steps:
+            raise ConfigError(
+                f"train.steps: {self.config.train.steps} is below the step of the run's "
+                f"checkpoint ({step} in {self.workdir}/checkpoints); a run cannot be shortened"
+            )
         if state is not None:
             log.info(
                 "%s: resumed from step %d in %.2fs", self.workdir, step, time.perf_counter() - t0
@@ -305,6 +401,27 @@ class RunFiles:
 
 
 # ----------------------------------------------------------------------------- the driver
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def finished_results(workdir: str, changes: dict, eval_lengths) -> dict | None:
+    """The results of a finished run re-run with the same config (DONE, no change, no new
+    lengths), after saying where they are; None if there is work to do."""
+    results = os.path.join(workdir, "results.json")
+    if changes or eval_lengths or not os.path.exists(os.path.join(workdir, DONE)):
+        return None
+    try:
+        with open(results) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None  # results.json lost or torn: evaluate again
+    log.warning("%s is finished (step %s): results in %s", workdir, data.get("step"), results)
+    if jax.process_index() == 0:
+        print(f"{workdir} is finished (step {data.get('step')}); results: {results}", flush=True)
+    return data
 
 
 def setup_compilation_cache(config, workdir: str) -> None:
@@ -407,12 +524,16 @@ def run(config, workdir: str, *, eval_lengths=None) -> dict:
     validate(config, workdir=workdir, eval_lengths=eval_lengths)
     setup_compilation_cache(config, workdir)
     with workdir_lock(workdir, process_index=jax.process_index()):
+        changes = run_identity(config, workdir)
+        finished = finished_results(workdir, changes, eval_lengths)
+        if finished is not None:
+            return finished
         device_mesh = mesh_lib.make_mesh(config)
         tx = optim.make_optimizer(config)
         graphdef, init, target = state_lib.initializer(config, device_mesh, tx)
         evaluator = evaluate.Evaluator(config, device_mesh)
         t = config.train
-        with RunFiles(config, workdir) as files:
+        with RunFiles(config, workdir, changes=changes) as files:
             state, start = files.restore(target)
             if state is None:
                 state, start = init(), 0

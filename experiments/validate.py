@@ -6,7 +6,14 @@
   at the longest padded length any batch will have, and the mesh.
 - `resolve_eval_lengths(config, lengths=None, *, during_training=False)`: the lengths an
   evaluation runs at.
+- `run_identity(config, workdir) -> {field: (old, new)}`: a workdir is one run; re-running it
+  with another config is a ConfigError naming the changed fields, unless only fields that may
+  change on resume changed (RESUMABLE: more steps, logging and checkpoint cadence, the mesh,
+  evaluation settings), which are returned so the driver can record them.
 """
+
+import json
+import os
 
 import jax
 
@@ -40,6 +47,67 @@ def resolve_eval_lengths(config, lengths=None, *, during_training=False) -> list
     require(bool(spec), field, "no lengths; 'auto', 'task' or e.g. '40,80,160'")
     require(min(spec) > 0, field, f"length {min(spec)} <= 0; lengths must be positive")
     return spec
+
+
+# Fields a resumed run may change; anything else makes it another run.
+RESUMABLE = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_lengths",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.mesh.",
+    "train.skip_nonfinite",
+    "train.max_skipped",
+    "train.profile_steps",
+    "eval.",
+)
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{path}."))
+        else:
+            out[path] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def read_config_json(path: str) -> dict:
+    """A workdir's config.json as a dict; ConfigError naming the file if it is not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable config ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a config (a JSON object was expected)")
+    return data
+
+
+def run_identity(config, workdir: str) -> dict:
+    """{field: (old, new)} of resumable fields that differ from workdir/config.json; a
+    ConfigError naming the other changed fields (before anything is written)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return {}
+    old = _flatten(read_config_json(path))
+    new = _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
+    changed = {
+        k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    }
+    fixed = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE)}
+    if fixed:
+        shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(fixed.items())[:4])
+        more = f" (and {len(fixed) - 4} more)" if len(fixed) > 4 else ""
+        raise ConfigError(
+            f"--workdir: {workdir} holds a run of another config: {shown}{more}; use a new "
+            "workdir, or the run's own config (config.json)"
+        )
+    return changed
 
 
 def validate(config, *, workdir: str | None = None, eval_lengths=None) -> None:
