@@ -55,6 +55,7 @@ TRANSFORMER_DEFAULTS = {
     "impl": "auto",
     "dtype": "float32",
     "scan_layers": False,
+    "remat": "none",  # activation rematerialisation of each block: none, block, dots
     "pe": {"name": "none"},
     "positions": {"name": "identity"},
     "scorer": {"name": "dot"},
@@ -117,8 +118,22 @@ class Stack(nnx.Module):
     """num_layers blocks applied in order, collecting attention maps of the layers asked for.
 
     With scan_layers the blocks' parameters are stacked on a leading "layers" axis and run
-    under nnx.scan, so the step compiles one block instead of num_layers.
+    under nnx.scan, so the step compiles one block instead of num_layers. With `remat`
+    ("block" or "dots", REMAT_POLICIES) each block runs under nnx.remat (jax.checkpoint,
+    Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): activations inside a
+    block are recomputed in the backward pass instead of stored, so activation memory grows
+    with the number of blocks times the block's inputs only; gradients are unchanged.
     """
+
+    # model.remat: what a block keeps for the backward pass (jax.checkpoint policies). "block"
+    # keeps only each block's input and recomputes the rest; "dots" also keeps the outputs of
+    # matmuls without batch dimensions (the projections and the MLP), recomputing attention and
+    # the elementwise work (the "save dots" policy of MaxText and PaLM).
+    REMAT_POLICIES = {
+        "none": None,
+        "block": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
 
     def __init__(self, cfg, *, causal: bool, cross: bool, rngs):
         n = cfg["num_layers"]
@@ -127,6 +142,8 @@ class Stack(nnx.Module):
         )
         self.num_layers = n
         self.scanned = bool(cfg["scan_layers"])
+        self.remat = cfg.get("remat", "none")
+        lookup(self.REMAT_POLICIES, self.remat, "model.remat")
         if self.scanned:
             stacked = nnx.split_rngs(splits=n)(
                 nnx.vmap(
@@ -142,6 +159,16 @@ class Stack(nnx.Module):
             else layers.LayerNorm(cfg["d_model"], rngs=rngs)
         )
 
+    def _block_fn(self, **kw):
+        """fn(block, x_BLD, pe) -> (x_BLD, weights), under nnx.remat unless remat is "none"."""
+
+        def fn(block, x_BLD, pe):
+            return block(x_BLD, pe=pe, **kw)
+
+        if self.remat == "none":
+            return fn
+        return nnx.remat(fn, policy=self.REMAT_POLICIES[self.remat])
+
     def __call__(
         self, x_BLD, *, pos_BL, mask_BL, pe, memory=None, train, return_attention=(), offset=0
     ):
@@ -151,21 +178,18 @@ class Stack(nnx.Module):
         maps = {}
         for i, block in enumerate(self.blocks):
             want = i + offset in return_attention
-            x_BLD, w = block(
-                x_BLD,
-                pos_BL=pos_BL,
-                mask_BL=mask_BL,
-                pe=pe,
-                memory=memory,
-                train=train,
-                return_weights=want,
+            fn = self._block_fn(
+                pos_BL=pos_BL, mask_BL=mask_BL, memory=memory, train=train, return_weights=want
             )
+            x_BLD, w = fn(block, x_BLD, pe)
             if want:
                 maps[i + offset] = w
         return self.finish(x_BLD), maps
 
     def _scanned(self, x_BLD, pos_BL, mask_BL, pe, memory, train, wanted, offset):
-        want = bool(wanted)
+        fn = self._block_fn(
+            pos_BL=pos_BL, mask_BL=mask_BL, memory=memory, train=train, return_weights=bool(wanted)
+        )
 
         @nnx.scan(
             in_axes=(0, nnx.Carry, None),
@@ -173,15 +197,7 @@ class Stack(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         def body(block, x_BLD, pe):
-            return block(
-                x_BLD,
-                pos_BL=pos_BL,
-                mask_BL=mask_BL,
-                pe=pe,
-                memory=memory,
-                train=train,
-                return_weights=want,
-            )
+            return fn(block, x_BLD, pe)
 
         x_BLD, ws = body(self.blocks, x_BLD, pe)
         return self.finish(x_BLD), {i: ws[i - offset] for i in wanted}

@@ -2,20 +2,29 @@
 multi-process start-up.
 
 Parameters are annotated with logical axis names where they are created (`attn.layers.param`:
-"embed", "mlp", "heads", ...); `RULES` maps each name to a mesh axis in the Megatron style
-(Shoeybi et al. 2019): heads, MLP hidden units and the vocabulary split over "model",
-everything else is replicated, and the batch splits over "data" (as MaxText's logical axis
-rules, kept to a plain dict). `shardings` applies the rules to any pytree of abstract arrays
-(model state, optimizer state, scalars): this is the only path from names to shardings, the
-one the driver runs. A mesh axis that does not divide its dimension, or that a spec already
-used, is dropped for that dimension (`fit_spec`), so any model places on any mesh.
+"embed", "mlp", "heads", ...); `RULES` maps each name to mesh axes in the Megatron style
+(Shoeybi et al. 2019): heads, MLP hidden units and the vocabulary split over "model"; the
+model dimension ("embed") splits over "fsdp", which shards every parameter and, since the
+optimizer state has the parameters' shapes and names, the Adam moments too (fully sharded
+data parallel: ZeRO-3, Rajbhandari et al. 2020; MaxText's "fsdp" axis); everything else is
+replicated, and the batch splits over "data" x "fsdp" (as MaxText's logical axis rules, kept
+to a plain dict). XLA's SPMD partitioner gathers each parameter where a step uses it.
+`shardings` applies the rules to any pytree of abstract arrays (model state, optimizer state,
+scalars): this is the only path from names to shardings, the one the driver runs. A mesh axis
+that does not divide its dimension, that a spec already used, or that the mesh does not have
+(fsdp = 1 builds no "fsdp" axis) is dropped for that dimension (`fit_spec`), so any model
+places on any mesh.
 
-- `make_mesh(config)`: `train.mesh.data` x `train.mesh.model` (-1: all remaining devices);
-  `mesh_shape(config)` checks it (ConfigError) without building it.
-- `shard_batch(batch, mesh, local=...)`: numpy batch -> global arrays split on "data".
+- `make_mesh(config)`: `train.mesh.data` x `train.mesh.fsdp` x `train.mesh.model` (data -1:
+  all remaining devices); `mesh_axes(config)` checks it (ConfigError) without building it,
+  `mesh_shape(config)` is (batch shards = data x fsdp, model).
+- `batch_spec(mesh)`: the batch axis' entry of a PartitionSpec ("data", or ("data", "fsdp")).
+- `shard_batch(batch, mesh, local=...)`: numpy batch -> global arrays split over the batch
+  axes.
 - `init_distributed(enabled)`: jax.distributed.initialize for multi-process runs.
 """
 
+import math
 import os
 
 import jax
@@ -26,10 +35,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from attn.registry import ConfigError, require
 
-RULES: dict[str, str | None] = {
-    "batch": "data",
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
     "vocab": "model",
-    "embed": None,
+    "embed": "fsdp",
     "mlp": "model",
     "heads": "model",
     "kv_heads": "model",
@@ -39,43 +48,68 @@ RULES: dict[str, str | None] = {
 }
 
 
-def mesh_shape(config) -> tuple[int, int]:
-    """(data, model) of `train.mesh` on the devices JAX sees; ConfigError if it cannot be."""
+def mesh_axes(config) -> dict[str, int]:
+    """{"data", "fsdp", "model"} sizes of `train.mesh` on the devices JAX sees; ConfigError if
+    it cannot be."""
     m, n = config.train.mesh, jax.device_count()
+    fsdp = m.get("fsdp", 1)
     require(m.model >= 1, "train.mesh.model", f"must be >= 1, got {m.model}")
-    data = n // m.model if m.data == -1 else m.data
+    require(fsdp >= 1, "train.mesh.fsdp", f"must be >= 1, got {fsdp}")
+    data = n // (m.model * fsdp) if m.data == -1 else m.data
     require(data >= 1, "train.mesh.data", f"must be >= 1 or -1 (all devices), got {m.data}")
-    used = data * m.model
-    if used > n or (used < n and jax.process_count() > 1) or n % m.model:
+    used = data * fsdp * m.model
+    if used > n or (used < n and jax.process_count() > 1) or n % (m.model * fsdp):
+        shape = f"data={data} x " + (f"fsdp={fsdp} x " if fsdp > 1 else "") + f"model={m.model}"
         raise ConfigError(
-            f"train.mesh: data={data} x model={m.model} = {used} devices, but {n} are "
-            f"available ({jax.process_count()} processes); use data=-1 or a shape with "
-            f"product {n}"
+            f"train.mesh: {shape} = {used} devices, but {n} are available "
+            f"({jax.process_count()} processes); use data=-1 or a shape with product {n}"
         )
-    return data, m.model
+    return {"data": data, "fsdp": fsdp, "model": m.model}
+
+
+def mesh_shape(config) -> tuple[int, int]:
+    """(batch shards = data x fsdp, model) of `train.mesh`; ConfigError if it cannot be."""
+    axes = mesh_axes(config)
+    return axes["data"] * axes["fsdp"], axes["model"]
 
 
 def make_mesh(config) -> Mesh:
-    """`data` x `model` mesh over the first data*model devices (all of them multi-process)."""
-    data, model = mesh_shape(config)
+    """`data` x [`fsdp` x] `model` mesh over the first devices (all of them multi-process);
+    the "fsdp" axis exists only when train.mesh.fsdp > 1, "model" is the innermost (fastest
+    interconnect) axis."""
+    axes = mesh_axes(config)
+    names = tuple(a for a in ("data", "fsdp", "model") if a != "fsdp" or axes[a] > 1)
+    shape = tuple(axes[a] for a in names)
     return jax.make_mesh(
-        (data, model),
-        ("data", "model"),
-        axis_types=(AxisType.Auto, AxisType.Auto),
-        devices=jax.devices()[: data * model],
+        shape,
+        names,
+        axis_types=(AxisType.Auto,) * len(names),
+        devices=jax.devices()[: math.prod(shape)],
     )
 
 
+def _fit_entry(entry, size: int, mesh: Mesh, used: set):
+    """One PartitionSpec entry: the mesh axes of `entry` (a name or a tuple of names) that the
+    mesh has, that are not used yet and whose product divides `size`; None if none are."""
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    kept, product = [], 1
+    for axis in names:
+        if axis in mesh.shape and axis not in used and size % (product * mesh.shape[axis]) == 0:
+            kept.append(axis)
+            product *= mesh.shape[axis]
+    used.update(kept)
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else tuple(kept)
+
+
 def fit_spec(axes: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:
-    """Drop mesh axes that do not divide their dimension or are used twice."""
-    used, out = set(), []
-    for axis, size in zip(axes, shape, strict=True):
-        if axis is None or axis in used or size % mesh.shape[axis]:
-            out.append(None)
-        else:
-            used.add(axis)
-            out.append(axis)
-    return PartitionSpec(*out)
+    """Drop mesh axes that do not divide their dimension, are used twice or are not in the
+    mesh."""
+    used: set = set()
+    return PartitionSpec(
+        *(_fit_entry(a, size, mesh, used) for a, size in zip(axes, shape, strict=True))
+    )
 
 
 def shardings(abstract_tree, mesh: Mesh):
@@ -95,18 +129,39 @@ def shardings(abstract_tree, mesh: Mesh):
     )
 
 
-def shard_batch(batch: dict, mesh: Mesh, *, local: bool = True, spec=("data",)) -> dict:
-    """Numpy batch -> global arrays split over "data" along the batch axis.
+def batch_spec(mesh: Mesh):
+    """The PartitionSpec entry of a batch axis on `mesh`: RULES["batch"]'s axes it has."""
+    axes = tuple(a for a in RULES["batch"] if a in mesh.shape)
+    return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch axis is split on `mesh`."""
+    return math.prod(mesh.shape[a] for a in RULES["batch"] if a in mesh.shape)
+
+
+def shard_batch(batch: dict, mesh: Mesh, *, local: bool = True, spec=None) -> dict:
+    """Numpy batch -> global arrays split over the batch axes (`batch_spec`) along axis 0.
 
     local=True: `batch` holds this process's rows (train batches). local=False: every process
-    holds the whole batch (eval sets) and keeps its own contiguous block of rows. `spec`
-    places other layouts, e.g. (None, "data") for seeds stacked in front of the batch.
+    holds the whole batch (eval sets) and keeps its own contiguous block of rows; rows of
+    zeros (nothing scored, every token masked) are added up to a multiple of the batch shards
+    and processes. `spec` places other layouts, e.g. (None, batch_spec(mesh)) for seeds
+    stacked in front of the batch.
     """
-    sharding = NamedSharding(mesh, PartitionSpec(*spec))
-    if not local and jax.process_count() > 1:
-        rows = next(iter(batch.values())).shape[0] // jax.process_count()
-        lo = jax.process_index() * rows
-        batch = {k: v[lo : lo + rows] for k, v in batch.items()}
+    sharding = NamedSharding(mesh, PartitionSpec(*(spec or (batch_spec(mesh),))))
+    if not local:
+        rows = next(iter(batch.values())).shape[0]
+        extra = -rows % math.lcm(batch_shards(mesh), jax.process_count())
+        if extra:
+            batch = {
+                k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+                for k, v in batch.items()
+            }
+        if jax.process_count() > 1:
+            rows = (rows + extra) // jax.process_count()
+            lo = jax.process_index() * rows
+            batch = {k: v[lo : lo + rows] for k, v in batch.items()}
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }

@@ -107,8 +107,10 @@ def _accumulated_grads(graphdef, state, batch: dict, k: int):
     total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def micro(carry, mb):
-        rest, grads, sums = carry
-        model = nnx.merge(graphdef, state["params"], rest)
+        # The parameters ride in the carry unchanged: nnx merges and differentiates only
+        # values of the scan's own trace.
+        params, rest, grads, sums = carry
+        model = nnx.merge(graphdef, params, rest)
 
         def loss_fn(model):
             _, m = metrics.loss_and_metrics(model, mb, train=True)
@@ -117,12 +119,12 @@ def _accumulated_grads(graphdef, state, batch: dict, k: int):
         (_, m), g = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grads = jax.tree.map(jnp.add, grads, g)
         sums = {s: sums[s] + m[s] for s in metrics.SUMS}
-        return (state_lib.split_model(model)[2], grads, sums), None
+        return (params, state_lib.split_model(model)[2], grads, sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     sums0 = {s: jnp.zeros((), jnp.float32) for s in metrics.SUMS}
-    (rest, grads, sums), _ = jax.lax.scan(
-        micro, (state["rest"], zeros, sums0), _micro_batches(batch, k)
+    (_, rest, grads, sums), _ = jax.lax.scan(
+        micro, (state["params"], state["rest"], zeros, sums0), _micro_batches(batch, k)
     )
     seqs = jnp.maximum(sums["num_seqs"], 1.0)
     loss = sums["nll_sum"] / total
