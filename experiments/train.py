@@ -44,6 +44,7 @@ import attn.models
 from attn.registry import ConfigError, require
 from experiments import checkpoint, config_utils, evaluate, input_pipeline, metrics, optim, tasks
 from experiments import mesh as mesh_lib
+from experiments import profile as profile_lib
 from experiments import state as state_lib
 from experiments.validate import resolve_eval_lengths, run_identity, validate
 from experiments.workdir import (
@@ -459,22 +460,32 @@ def stop_requested(signals: StopSignals, ckpt: checkpoint.Checkpointer, every: i
 
 
 class _DriverHooks(LoopHooks):
-    def __init__(self, files: RunFiles, graphdef, evaluator, stop):
-        self.files, self.graphdef, self.evaluator, self.stop = files, graphdef, evaluator, stop
+    def __init__(self, files: RunFiles, graphdef, evaluator, stop, stats: profile_lib.StepStats):
+        self.files, self.graphdef, self.evaluator, self.stats = files, graphdef, evaluator, stats
+        self._stop = stop
         self.config = files.config
 
     def metrics(self, step, m, timing):
         self.files.check_finite(step, m)
+        self.stats.metrics_seen(step)
         if timing is None:
             return
         row = metrics.train_row(step, m, timing)
+        mfu = self.stats.mfu(step, timing)
+        if mfu is not None:
+            row["mfu"] = mfu
         self.files.writer.row(row)
         self.files.writer.progress(
             step,
             f"loss {float(m['loss']):.4f} acc {float(m['token_acc']):.3f} "
             f"{timing['steps_per_s']:.1f} step/s {timing['tokens_per_s']:.0f} tok/s "
-            f"eta {_fmt_eta(timing['eta_s'])}",
+            + ("" if mfu is None else f"MFU {100 * mfu:.1f}% ")
+            + f"eta {_fmt_eta(timing['eta_s'])}",
         )
+
+    def stop(self, step):
+        self.stats.step_started(step)
+        return self._stop(step)
 
     def save_due(self, step):
         return self.files.ckpt.should_save(step)
@@ -530,9 +541,11 @@ def run(config, workdir: str, *, eval_lengths=None) -> dict:
         finished = finished_results(workdir, changes, eval_lengths)
         if finished is not None:
             return finished
+        stats = profile_lib.StepStats(config, workdir, vocab=tasks.build(config.task).vocab_size)
         device_mesh = mesh_lib.make_mesh(config)
         tx = optim.make_optimizer(config)
         graphdef, init, target = state_lib.initializer(config, device_mesh, tx)
+        step_fn = make_train_step(config, graphdef, tx)  # its ConfigErrors before any compile
         evaluator = evaluate.Evaluator(config, device_mesh)
         t = config.train
         with RunFiles(config, workdir, changes=changes) as files:
@@ -542,17 +555,20 @@ def run(config, workdir: str, *, eval_lengths=None) -> dict:
             files.begin(start)
             with StopSignals() as signals:
                 stop = stop_requested(signals, files.ckpt, t.log_every)
-                state, stopped = train_loop(
-                    make_train_step(config, graphdef, tx),
-                    state,
-                    host_batches(config, seed=config.seed, start=start),
-                    start=start,
-                    total=t.steps,
-                    place=lambda b: mesh_lib.shard_batch(b, device_mesh),
-                    hooks=_DriverHooks(files, graphdef, evaluator, stop),
-                    log_every=t.log_every,
-                    eval_every=t.eval_every,
-                )
+                try:
+                    state, stopped = train_loop(
+                        step_fn,
+                        state,
+                        host_batches(config, seed=config.seed, start=start),
+                        start=start,
+                        total=t.steps,
+                        place=stats.place(lambda b: mesh_lib.shard_batch(b, device_mesh), start),
+                        hooks=_DriverHooks(files, graphdef, evaluator, stop, stats),
+                        log_every=t.log_every,
+                        eval_every=t.eval_every,
+                    )
+                finally:
+                    stats.stop()
             if stopped:
                 step = int(state["step"])
                 files.writer.progress(step, f"stopped by {stopped}; checkpoint saved")

@@ -16,7 +16,11 @@ import pytest
 
 import attn.models
 from attn import attention
+from attn.registry import ConfigError
+from configs import formal
+from experiments import profile, train
 from experiments import state as state_lib
+from experiments.workdir import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,3 +239,35 @@ def test_what_each_pe_hands_to_attention_on_a_gpu(fake_gpu, pe, model, want):
         want_logits = model_obj(batch, train=False)
     real = np.asarray(batch["token_mask"])
     _close(np.asarray(got, np.float32)[real], np.asarray(want_logits, np.float32)[real], atol=5e-2)
+
+
+# ------------------------------------------------------------------ observability
+
+
+def test_known_peaks_and_profile_window_parsing():
+    assert profile.device_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert profile.device_peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert profile.device_peak_tflops("NVIDIA H200", "float32") == 494.7
+    assert profile.device_peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+    assert profile.device_peak_tflops("TPU v5p", "float32") == 459.0
+    assert profile.device_peak_tflops("cpu", "float32") is None
+    assert profile.parse_profile_steps("") is None
+    assert profile.parse_profile_steps("10,15") == (10, 15)
+    for bad in ("15,10", "3", "a,b", "-1,2"):
+        with pytest.raises(ConfigError, match="^train.profile_steps"):
+            profile.parse_profile_steps(bad)
+
+
+def test_profile_steps_write_a_trace_and_rows_carry_mfu(tmp_path):
+    """The driver traces the asked steps into workdir/profile (TensorBoard's profile plugin
+    layout) and, with a peak given, logs MFU; on a CPU without one, rows have no MFU."""
+    config = formal.get_config("smoke=true")
+    config.train.steps, config.train.profile_steps, config.train.peak_tflops = 4, "1,3", 0.5
+    config.eval.compilation_cache = ""
+    workdir = tmp_path / "run"
+    train.run(config, str(workdir))
+    assert list((workdir / "profile" / "plugins" / "profile").rglob("*.xplane.pb"))
+    rows = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
+    assert rows and all(0 < r["mfu"] < 1 for r in rows if r["step"] > 1), rows
+    stats = profile.StepStats(formal.get_config("smoke=true"), str(workdir), vocab=10)
+    assert stats.peak_flops is None  # a CPU and no train.peak_tflops: no MFU
