@@ -1,28 +1,34 @@
 """Run directories -> comparison tables and plots for length-generalization ablations.
 
     python -m experiments.compare runs/x [runs/y ...] --out reports/x [--metric token_acc] \
-        [--attention RUN --length N]
+        [--eval NAME] [--pool train.optimizer.lr] [--attention RUN --length N]
 
 Finds every run directory under the given roots (a directory holding `results.json`, the
-driver's final per-length evaluation; README "Run outputs") and writes to --out:
+driver's final evaluation, or `evals/NAME.json` with `--eval NAME`; README "Run outputs") and
+writes to --out:
 
-- `table.md`, `table.csv`: one row per (task, variant) with the number of runs n, the mean
-  and sample standard deviation (ddof=1) over runs of the in-distribution score (mean of the
-  metric over evaluation lengths <= the longest training length) and of the
-  out-of-distribution score (lengths beyond it): each run's `summary` from results.json
-  (experiments.metrics.summarize, which also scores any other --metric), the best run's OOD
-  score (Deletang et al.
-  2023 report the best run over seeds and learning rates), the mean per evaluation length,
-  and the last training loss from `metrics.jsonl`. Runs of a variant that differ in
-  something its label does not name (e.g. learning rate) count as runs of that variant.
-- `length_curves.png`: one panel per task, the metric against evaluation length, one line
-  per variant (mean over runs) with a band of +- one standard deviation, and the training
-  length marked by a dashed vertical line (Press et al. 2022, Fig. 1 style).
+- `table.md`, `table.csv`: one row per setting: runs are grouped by everything that tells
+  them apart except the seed (task, variant and every config field but bookkeeping ones), so
+  runs of another learning rate, step count, training length or size are never averaged as if
+  they were seeds; where a variant label covers several settings, the row names what differs
+  (`encoder:rope [train.optimizer.lr=0.001]`). `--pool FIELD` pools runs over a field on
+  purpose (Deletang et al. 2023 report the best run over seeds and learning rates) and the
+  table says so. Per row: n runs (and how many diverged), the training steps, the mean and
+  sample standard deviation (ddof=1) over runs of the in-distribution score (mean over
+  evaluation lengths <= the longest training length) and of the out-of-distribution score
+  (lengths beyond it): each run's `summary` from its results file
+  (experiments.metrics.summarize, which also scores any other --metric); the best run's OOD
+  score; the mean training loss over the last tenth of training (not one batch); the mean per
+  evaluation length. One table per task and training length, with the task's chance level.
+- `length_curves.png` (experiments/plots.py): the metric against evaluation length per task,
+  one line per row with a +- one standard deviation band, chance and training length marked.
 - `attention_<run>.png` for each `--attention RUN` at `--length N`: every head of every layer
   on one evaluation example, from the run's last checkpoint (the model's return_attention).
 
-and prints the tables and the best variant per task. Writes are atomic; matplotlib runs
-with the Agg backend, so no display is needed.
+A run directory whose results file cannot be read is skipped with one line naming it; a run
+whose loss or metrics are not finite counts as diverged and stays out of the means.
+`load_runs(roots)` returns every run's config and per-length metrics as a pandas DataFrame
+(pandas: `pip install -e .[analysis]`).
 """
 
 from __future__ import annotations
@@ -43,31 +49,80 @@ import numpy as np
 from experiments import metrics, plots
 from experiments.workdir import atomic_write_text, read_jsonl
 
-RESULTS = "results.json"
+FINAL = "final"
 METRICS = "metrics.jsonl"
 DEFAULT_METRIC = "token_acc"
 # Metrics where smaller is better; every other metric (accuracies) is maximised.
 LOWER_IS_BETTER = frozenset({"loss", "ppl", "bpc", "bpb", "nll"})
 # Sub-directories of a run that never hold runs themselves; skipping them keeps the walk fast.
-_NOT_RUNS = frozenset({"checkpoints", "tb", ".jax_cache", "__pycache__"})
+_NOT_RUNS = frozenset({"checkpoints", "tb", ".jax_cache", "__pycache__", "evals"})
+# Config fields that do not change what a run computes (or are the seed and the label).
+BOOKKEEPING = (
+    "seed",
+    "variant",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "train.eval_lengths",
+    "train.mesh.",
+    "train.profile_steps",
+    "model.impl",
+    "eval.lengths",
+    "eval.batch_size",
+    "eval.num_examples",
+    "eval.compilation_cache",
+    "eval.data_dir",
+)
+TRAIN_LOSS_TAIL = 0.1  # the mean training loss is taken over this last fraction of training
+
+
+class CompareError(ValueError):
+    """A comparison that cannot be made (no runs, a bad argument). One line."""
 
 
 def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
 
 
+def results_file(eval_name: str = FINAL) -> str:
+    return "results.json" if eval_name == FINAL else os.path.join("evals", f"{eval_name}.json")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _number(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _numbers(m: dict) -> dict[str, float]:
+    """The numeric entries of a per-length dict; null (a non-finite value) becomes NaN."""
+    return {k: _number(v) for k, v in m.items() if v is None or isinstance(v, int | float)}
+
+
 @dataclass
 class Run:
-    """One finished run directory, reduced to what the comparison needs."""
+    """One evaluated run directory, reduced to what the comparison needs."""
 
     path: Path
     task: str
     variant: str
     seed: int | None
+    step: int
     train_max_length: int
     per_length: dict[int, dict[str, float]]
     metric: str
     summary: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # flat config without bookkeeping fields
+    chance: float | None = None
     train_loss: float | None = None
 
     def scores(self, metric: str) -> tuple[float | None, float | None]:
@@ -80,58 +135,101 @@ class Run:
             )
         return summary.get("id_mean"), summary.get("ood_mean")
 
+    def diverged(self, metric: str) -> bool:
+        values = [m.get(metric, math.nan) for m in self.per_length.values()]
+        loss = math.nan if self.train_loss is None else self.train_loss
+        return not all(math.isfinite(v) for v in values) or (
+            self.train_loss is not None and not math.isfinite(loss)
+        )
 
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if values else None
 
-
-def find_runs(roots: Iterable[str | Path]) -> list[Path]:
-    """Every directory under the roots (roots included) that holds a results.json."""
+def find_runs(roots: Iterable[str | Path], eval_name: str = FINAL) -> list[Path]:
+    """Every directory under the roots (roots included) that holds the evaluation's file."""
+    rel = results_file(eval_name)
     found = []
     for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, _ in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in _NOT_RUNS)
-            if RESULTS in filenames:
+            if os.path.isfile(os.path.join(dirpath, rel)):
                 found.append(Path(dirpath))
     return found
 
 
-def last_train_loss(metrics_path: Path) -> float | None:
-    """Loss of the last training row of a metrics.jsonl (None if there is none)."""
+def mean_train_loss(metrics_path: Path, tail: float = TRAIN_LOSS_TAIL) -> float | None:
+    """Mean training loss over the last `tail` of the logged training rows (None if none;
+    NaN if the run diverged there)."""
     losses = [
-        r["loss"] for r in read_jsonl(metrics_path) if r.get("split") == "train" and "loss" in r
+        _number(r["loss"])
+        for r in read_jsonl(metrics_path)
+        if r.get("split") == "train" and "loss" in r
     ]
-    return float(losses[-1]) if losses else None
+    if not losses:
+        return None
+    last = losses[-max(1, math.ceil(tail * len(losses))) :]
+    return float(np.mean(last))
 
 
-def load_run(path: Path) -> Run:
-    results = json.loads((path / RESULTS).read_text())
-    per_length = {
-        int(n): {k: float(v) for k, v in m.items() if isinstance(v, int | float)}
-        for n, m in results["per_length"].items()
-    }
-    return Run(
-        path=path,
-        task=results["task"],
-        variant=str(results["variant"]),
-        seed=results.get("seed"),
-        train_max_length=int(results["train_max_length"]),
-        per_length=per_length,
-        metric=results.get("summary", {}).get("metric", DEFAULT_METRIC),
-        summary=results.get("summary", {}),
-        train_loss=last_train_loss(path / METRICS),
-    )
+def _chance(task: str, config: dict) -> float | None:
+    try:
+        from experiments import tasks
+
+        return tasks.build(config.get("task", {"name": task})).chance
+    except Exception:  # a task this checkout does not know: no chance line
+        return None
+
+
+def load_run(path: Path, eval_name: str = FINAL) -> Run:
+    """The run at `path`; CompareError naming the file if its results cannot be read."""
+    file = Path(path) / results_file(eval_name)
+    try:
+        results = json.loads(file.read_text())
+        per_length = {int(n): _numbers(m) for n, m in results["per_length"].items()}
+        config = results.get("config", {})
+        run = Run(
+            path=Path(path),
+            task=results["task"],
+            variant=str(results["variant"]),
+            seed=results.get("seed"),
+            step=int(results.get("step", 0)),
+            train_max_length=int(results["train_max_length"]),
+            per_length=per_length,
+            metric=results.get("summary", {}).get("metric", DEFAULT_METRIC),
+            summary=results.get("summary", {}),
+            settings={k: v for k, v in flatten(config).items() if not k.startswith(BOOKKEEPING)},
+            chance=results.get("chance", _chance(results["task"], config)),
+            train_loss=mean_train_loss(Path(path) / METRICS),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        kind = type(e).__name__
+        raise CompareError(f"{file}: not a readable results file ({kind}: {e})") from None
+    return run
+
+
+def load_all(roots, eval_name: str = FINAL) -> tuple[list[Run], list[str]]:
+    """(runs, one line per run directory skipped because its results cannot be read)."""
+    runs, skipped = [], []
+    for path in find_runs(roots, eval_name):
+        try:
+            runs.append(load_run(path, eval_name))
+        except CompareError as e:
+            skipped.append(str(e))
+    return runs, skipped
 
 
 @dataclass
 class Row:
-    """Statistics of one (task, variant) over its runs."""
+    """Statistics of one setting (a variant with everything else fixed) over its runs."""
 
     task: str
     variant: str
     metric: str
     runs: list[Run]
+    label: str = ""
     train_max_length: int = 0
+    chance: float | None = None
+    steps: tuple[int, ...] = ()
+    pooled: tuple[str, ...] = ()  # fields over which runs differ beyond the seed (--pool)
+    diverged: int = 0
     id_mean: float | None = None
     id_std: float | None = None
     ood_mean: float | None = None
@@ -147,52 +245,75 @@ class Row:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None, None
     std = float(np.std(values, ddof=1)) if len(values) > 1 else None
     return float(np.mean(values)), std
 
 
-def summarize(runs: Sequence[Run], metric: str | None = None) -> list[Row]:
-    """Rows grouped by (task, variant); tasks in name order, variants best OOD first (ties:
-    best ID first)."""
-    groups: dict[tuple[str, str], list[Run]] = {}
+def _differing(groups: Sequence[dict]) -> list[str]:
+    keys = sorted({k for g in groups for k in g})
+    return [k for k in keys if len({repr(g.get(k)) for g in groups}) > 1]
+
+
+def group_runs(runs: Sequence[Run], pool: Sequence[str] = ()) -> dict[tuple, list[Run]]:
+    """Runs grouped by (task, training length, variant, settings minus `pool`), labelled with
+    the settings that tell groups of one variant apart."""
+    groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.task, run.variant), []).append(run)
+        kept = {k: v for k, v in run.settings.items() if not k.startswith(tuple(pool))}
+        key = (run.task, run.train_max_length, run.variant, tuple(sorted(kept.items(), key=str)))
+        groups.setdefault(key, []).append(run)
+    return groups
+
+
+def summarize(
+    runs: Sequence[Run], metric: str | None = None, pool: Sequence[str] = ()
+) -> list[Row]:
+    """Rows, one per setting; tasks in name order, rows best OOD first (ties: best ID first)."""
+    groups = group_runs(runs, pool)
+    by_variant: dict[tuple, list[dict]] = {}
+    for task, length, variant, kept in groups:
+        by_variant.setdefault((task, length, variant), []).append(dict(kept))
     rows = []
-    for (task, variant), members in groups.items():
+    for (task, length, variant, kept), members in groups.items():
         m = metric or members[0].metric
         members = [r for r in members if all(m in v for v in r.per_length.values())]
         if not members:
             continue
-        row = Row(task, variant, m, members, max(r.train_max_length for r in members))
-        scores = [r.scores(m) for r in members]
-        row.id_mean, row.id_std = _mean_std([s[0] for s in scores if s[0] is not None])
-        oods = [(s[1], r) for s, r in zip(scores, members, strict=True) if s[1] is not None]
+        differ = _differing(by_variant[(task, length, variant)])
+        extra = ", ".join(f"{k}={dict(kept).get(k)}" for k in differ)
+        row = Row(task, variant, m, members, label=f"{variant} [{extra}]" if extra else variant)
+        row.train_max_length = length
+        row.chance = members[0].chance
+        row.steps = tuple(sorted({r.step for r in members}))
+        row.pooled = tuple(_differing([r.settings for r in members]))
+        ok = [r for r in members if not r.diverged(m)]
+        row.diverged = len(members) - len(ok)
+        scores = [(r.scores(m), r) for r in ok]
+        row.id_mean, row.id_std = _mean_std([s[0] for s, _ in scores if s[0] is not None])
+        oods = [(s[1], r) for s, r in scores if s[1] is not None]
         row.ood_mean, row.ood_std = _mean_std([o for o, _ in oods])
         if oods:
             pick = min if lower_is_better(m) else max
             row.best_ood, best = pick(oods, key=lambda pair: pair[0])
             row.best_run = best.path.name
-        losses = [r.train_loss for r in members if r.train_loss is not None]
-        row.train_loss = _mean(losses)
-        lengths = sorted({n for r in members for n in r.per_length})
-        for n in lengths:
-            row.per_length[n] = _mean_std(
-                [r.per_length[n][m] for r in members if n in r.per_length]
-            )
+        row.train_loss, _ = _mean_std([r.train_loss for r in ok if r.train_loss is not None])
+        for n in sorted({n for r in ok for n in r.per_length}):
+            row.per_length[n] = _mean_std([r.per_length[n][m] for r in ok if n in r.per_length])
         rows.append(row)
 
     def order(row: Row):
         sign = 1.0 if lower_is_better(row.metric) else -1.0
         in_dist = -math.inf if row.id_mean is None else row.id_mean
-        return (row.task, sign * _score(row), sign * in_dist, row.variant)
+        return (row.task, row.train_max_length, sign * _score(row), sign * in_dist, row.label)
 
     return sorted(rows, key=order)
 
 
 def _score(row: Row) -> float:
-    """What ranks variants: the OOD mean (the ID mean when nothing was tested beyond)."""
+    """What ranks rows: the OOD mean (the ID mean when nothing was tested beyond)."""
     score = row.ood_mean if row.ood_mean is not None else row.id_mean
     if score is None:
         return math.inf if lower_is_better(row.metric) else -math.inf
@@ -203,26 +324,28 @@ def _better(a: float, b: float, metric: str) -> bool:
     return a < b if lower_is_better(metric) else a > b
 
 
-def best_per_task(rows: Sequence[Row]) -> dict[str, Row]:
-    """The first (best OOD mean) row of each task."""
-    best: dict[str, Row] = {}
-    for row in rows:
-        best.setdefault(row.task, row)
+def best_per_task(rows: Sequence[Row]) -> dict[str, Row | None]:
+    """The best row of each task, or None where no row beats the others (all tied)."""
+    best: dict[str, Row | None] = {}
+    for task in dict.fromkeys(r.task for r in rows):
+        task_rows = [r for r in rows if r.task == task]
+        top = task_rows[0]
+        tied = all(_score(r) == _score(top) for r in task_rows)
+        best[task] = None if tied and len(task_rows) > 1 else top
     return best
 
 
 def mean_reciprocal_rank(rows: Sequence[Row]) -> list[tuple[str, float, int]]:
-    """(variant, MRR, tasks) best first: per task, variants ranked by OOD mean (ID if no OOD;
-    tied scores share a rank), 1/rank averaged over the tasks a variant was run on
-    (Kazemnejad et al. 2023's aggregate)."""
+    """(label, MRR, tasks) best first: per task, rows ranked by OOD mean (ID if no OOD; tied
+    scores share a rank), 1/rank averaged over the tasks a label was run on (Kazemnejad et al.
+    2023's aggregate)."""
     reciprocal: dict[str, list[float]] = {}
     for task in dict.fromkeys(r.task for r in rows):
         task_rows = [r for r in rows if r.task == task]
         scores = [_score(r) for r in task_rows]
         for row, score in zip(task_rows, scores, strict=True):
-            # Ties share the best rank among them: equal scores are not a ranking.
             rank = 1 + sum(_better(other, score, row.metric) for other in scores)
-            reciprocal.setdefault(row.variant, []).append(1.0 / rank)
+            reciprocal.setdefault(row.label, []).append(1.0 / rank)
     table = [(v, float(np.mean(rr)), len(rr)) for v, rr in reciprocal.items()]
     return sorted(table, key=lambda t: (-t[1], t[0]))
 
@@ -231,6 +354,8 @@ def fmt(metric: str, value: float | None) -> str:
     """Accuracies as percentages with one decimal, everything else with 3 significant digits."""
     if value is None:
         return "-"
+    if not math.isfinite(value):
+        return "nan"
     if metric.endswith("acc"):
         return f"{100 * value:.1f}"
     return f"{value:.3g}"
@@ -242,29 +367,37 @@ def fmt_pm(metric: str, mean: float | None, std: float | None) -> str:
     return fmt(metric, mean) if std is None else f"{fmt(metric, mean)} ± {fmt(metric, std)}"
 
 
+def _table_groups(rows: Sequence[Row]) -> dict[tuple[str, int], list[Row]]:
+    out: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        out.setdefault((r.task, r.train_max_length), []).append(r)
+    return out
+
+
 def markdown(rows: Sequence[Row]) -> str:
-    """One table per task (its evaluation lengths as columns)."""
+    """One table per task and training length (its evaluation lengths as columns)."""
     out = []
-    for task in dict.fromkeys(r.task for r in rows):
-        task_rows = [r for r in rows if r.task == task]
-        metric = task_rows[0].metric
+    for (task, train_len), table_rows in _table_groups(rows).items():
+        metric = table_rows[0].metric
         unit = " (%)" if metric.endswith("acc") else ""
-        lengths = sorted({n for r in task_rows for n in r.per_length})
-        train_len = max(r.train_max_length for r in task_rows)
         better = "lower" if lower_is_better(metric) else "higher"
+        chance = table_rows[0].chance
+        chance_text = f", chance {fmt(metric, chance)}" if chance and metric.endswith("acc") else ""
         out.append(
-            f"### {task}: {metric}{unit}, trained on lengths <= {train_len}, {better} is better\n"
+            f"### {task}: {metric}{unit}, trained on lengths <= {train_len}{chance_text}, "
+            f"{better} is better\n"
         )
-        head = ["variant", "n", "ID mean ± std", "OOD mean ± std", "best OOD", "train loss"]
-        head += [
-            f"{'**' if n <= train_len else ''}{n}{'**' if n <= train_len else ''}" for n in lengths
-        ]
+        lengths = sorted({n for r in table_rows for n in r.per_length})
+        head = ["variant", "n", "steps", "ID mean ± std", "OOD mean ± std", "best OOD"]
+        head += ["train loss"] + [f"**{n}**" if n <= train_len else str(n) for n in lengths]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
-        for r in task_rows:
+        for r in table_rows:
+            n = f"{r.n} ({r.diverged} diverged)" if r.diverged else str(r.n)
             cells = [
-                r.variant,
-                str(r.n),
+                r.label,
+                n,
+                "/".join(map(str, r.steps)),
                 fmt_pm(metric, r.id_mean, r.id_std),
                 fmt_pm(metric, r.ood_mean, r.ood_std),
                 fmt(metric, r.best_ood),
@@ -272,6 +405,9 @@ def markdown(rows: Sequence[Row]) -> str:
             ]
             cells += [fmt(metric, r.per_length.get(n, (None, None))[0]) for n in lengths]
             out.append("| " + " | ".join(cells) + " |")
+        pooled = sorted({f for r in table_rows for f in r.pooled})
+        if pooled:
+            out.append(f"\nPooled over {', '.join(pooled)} (--pool): n counts runs of all values.")
         out.append("")
     if len({r.task for r in rows}) > 1:
         out.append("### Mean reciprocal rank over tasks (by OOD mean)\n")
@@ -280,17 +416,19 @@ def markdown(rows: Sequence[Row]) -> str:
         out.extend(f"| {v} | {mrr:.3f} | {k} |" for v, mrr, k in mean_reciprocal_rank(rows))
         out.append("")
     out.append(
-        "n: runs (seeds, and any setting the variant label does not name); ID: mean over "
-        "evaluation lengths up to the training length (bold columns), OOD: beyond it; "
-        "± one sample standard deviation over runs; best OOD: the best single run."
+        "n: runs of the setting (seeds); ID: mean over evaluation lengths up to the training "
+        "length (bold columns), OOD: beyond it; ± one sample standard deviation over runs; best "
+        f"OOD: the best single run; train loss: mean over the last {TRAIN_LOSS_TAIL:.0%} of "
+        "training; diverged runs (non-finite loss or metrics) stay out of the means."
     )
     return "\n".join(out) + "\n"
 
 
 def to_csv(rows: Sequence[Row]) -> str:
     lengths = sorted({n for r in rows for n in r.per_length})
-    head = ["task", "variant", "metric", "n", "train_max_length", "id_mean", "id_std"]
-    head += ["ood_mean", "ood_std", "best_ood", "best_run", "train_loss"]
+    head = ["task", "variant", "label", "metric", "n", "diverged", "steps", "train_max_length"]
+    head += ["chance", "id_mean", "id_std", "ood_mean", "ood_std", "best_ood", "best_run"]
+    head += ["train_loss", "pooled"]
     head += [f"len_{n}_mean" for n in lengths] + [f"len_{n}_std" for n in lengths]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -303,13 +441,47 @@ def to_csv(rows: Sequence[Row]) -> str:
         means = [cell(r.per_length.get(n, (None, None))[0]) for n in lengths]
         stds = [cell(r.per_length.get(n, (None, None))[1]) for n in lengths]
         writer.writerow(
-            [r.task, r.variant, r.metric, r.n, r.train_max_length]
+            [r.task, r.variant, r.label, r.metric, r.n, r.diverged, "/".join(map(str, r.steps))]
+            + [r.train_max_length, cell(r.chance)]
             + [cell(v) for v in (r.id_mean, r.id_std, r.ood_mean, r.ood_std, r.best_ood)]
-            + [r.best_run, cell(r.train_loss)]
+            + [r.best_run, cell(r.train_loss), ";".join(r.pooled)]
             + means
             + stds
         )
     return buf.getvalue()
+
+
+def load_runs(roots: Iterable[str | Path], eval_name: str = FINAL):
+    """Every run's config and per-length metrics as a pandas DataFrame: one row per run and
+    evaluation length, columns path, task, variant, seed, step, length, ood, the metrics, and
+    `config.<field>` for every config field (pandas is the optional `analysis` extra)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("load_runs needs pandas: pip install -e '.[analysis]'") from None
+    records = []
+    for path in find_runs(roots, eval_name):
+        results = json.loads((path / results_file(eval_name)).read_text())
+        config = {f"config.{k}": v for k, v in flatten(results.get("config", {})).items()}
+        for n, m in results["per_length"].items():
+            records.append(
+                {
+                    "path": str(path),
+                    "task": results["task"],
+                    "variant": results["variant"],
+                    "seed": results.get("seed"),
+                    "step": results.get("step"),
+                    "length": int(n),
+                    "ood": int(n) > int(results["train_max_length"]),
+                    **{
+                        k: _number(v)
+                        for k, v in m.items()
+                        if v is None or isinstance(v, int | float)
+                    },
+                    **config,
+                }
+            )
+    return pd.DataFrame.from_records(records)
 
 
 _SPECIAL_LABELS = {0: "pad", 1: "bos", 2: "sep", 3: "_"}
@@ -319,23 +491,27 @@ def run_attention(run_dir: str | Path, length: int) -> tuple[dict[int, np.ndarra
     """Attention weights (layer -> HLS) of a run's last checkpoint on its first eval example
     at nominal `length`, cut to the real tokens; and the token labels.
 
-    Restores the run the way `experiments.evaluate` does and calls the model with
-    return_attention over every layer (dropout off, the sampler's evaluation positions).
+    Restores the run the way `experiments.evaluate` does (read-only: safe beside a run that is
+    training) and calls the model with return_attention over every layer (dropout off, the
+    sampler's evaluation positions).
     """
     import jax.numpy as jnp
 
     import attn.models
+    from attn.registry import ConfigError
     from experiments import config_utils, input_pipeline, state, tasks
     from experiments.workdir import RunError
 
     run_dir = Path(run_dir).absolute()  # orbax refuses relative checkpoint paths
     if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"--attention: {run_dir} is not a run directory (no config.json)")
-    config = config_utils.load_json(str(run_dir / "config.json"))
+        raise CompareError(f"--attention: {run_dir} is not a run directory (no config.json)")
     try:
+        config = config_utils.load_json(str(run_dir / "config.json"))
         graphdef, train_state, _ = state.load_state(config, str(run_dir))
-    except RunError as e:
-        raise FileNotFoundError(f"--attention: {e}") from None
+    except (ConfigError, RunError) as e:
+        raise CompareError(f"--attention: {e}") from None
+    if "num_layers" not in config.model:
+        raise CompareError(f"--attention: model {config.model.name!r} has no attention maps")
     model = state.merge_model(graphdef, train_state)
     task = tasks.build(config.task)
     data = input_pipeline.eval_batches(
@@ -360,20 +536,27 @@ def compare(
     out: str | Path,
     *,
     metric: str | None = None,
+    eval_name: str = FINAL,
+    pool: Sequence[str] = (),
     attention: Sequence[str] = (),
     length: int | None = None,
 ) -> dict:
     """Write table.md, table.csv, length_curves.png (and attention maps) into `out`."""
-    runs = [load_run(p) for p in find_runs(roots)]
+    if attention and (length is None or length < 1):
+        raise CompareError("--length: a positive evaluation length is needed with --attention")
+    runs, skipped = load_all(roots, eval_name)
     if not runs:
-        raise FileNotFoundError(
-            f"no run directories (with {RESULTS}) under {list(map(str, roots))}"
+        raise CompareError(
+            f"no run directories (with {results_file(eval_name)}) under {list(map(str, roots))}"
         )
-    rows = summarize(runs, metric)
+    rows = summarize(runs, metric, pool)
     if not rows:
-        raise ValueError(f"--metric: no run reports {metric!r} at every length")
+        raise CompareError(f"--metric: no run reports {metric!r} at every length")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompareError(f"--out: {out} cannot be created ({e.strerror or e})") from None
     table = markdown(rows)
     atomic_write_text(out / "table.md", table)
     atomic_write_text(out / "table.csv", to_csv(rows))
@@ -383,19 +566,13 @@ def compare(
         plots.plot_length_curves(rows, out / "length_curves.png"),
     ]
     for run_dir in attention:
-        if length is None:
-            raise ValueError("--attention needs --length")
         weights, tokens = run_attention(run_dir, length)
         name = Path(run_dir).name
+        title = f"{name}: nominal length {length}, {len(tokens)} tokens"
         files.append(
-            plots.plot_attention(
-                weights,
-                out / f"attention_{name}.png",
-                tokens=tokens,
-                title=f"{name}, length {length}",
-            )
+            plots.plot_attention(weights, out / f"attention_{name}.png", tokens=tokens, title=title)
         )
-    return {"rows": rows, "table": table, "files": files, "runs": len(runs)}
+    return {"rows": rows, "table": table, "files": files, "runs": len(runs), "skipped": skipped}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,6 +586,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--metric", default=None, help="metric to compare (default: each run's summary metric)"
     )
     parser.add_argument(
+        "--eval", default=FINAL, help="which evaluation: final (results.json) or a NAME of evals/"
+    )
+    parser.add_argument(
+        "--pool",
+        default="",
+        help="comma-separated config fields to pool runs over, e.g. train.optimizer.lr",
+    )
+    parser.add_argument(
         "--attention",
         action="append",
         default=[],
@@ -419,17 +604,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = compare(
-            args.roots, args.out, metric=args.metric, attention=args.attention, length=args.length
+            args.roots,
+            args.out,
+            metric=args.metric,
+            eval_name=args.eval,
+            pool=[p for p in args.pool.split(",") if p],
+            attention=args.attention,
+            length=args.length,
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except CompareError as e:
         print(f"compare: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    for line in report["skipped"]:
+        print(f"compare: skipped {line}", file=sys.stderr)
     print(report["table"])
     for task, row in best_per_task(report["rows"]).items():
+        if row is None:
+            print(f"best on {task}: none (every row scores the same)")
+            continue
         score = row.ood_mean if row.ood_mean is not None else row.id_mean
         where = "OOD" if row.ood_mean is not None else "ID"
         print(
-            f"best on {task}: {row.variant} ({where} {row.metric} {fmt(row.metric, score)}, "
+            f"best on {task}: {row.label} ({where} {row.metric} {fmt(row.metric, score)}, "
             f"n={row.n})"
         )
     print(f"{report['runs']} runs; wrote " + ", ".join(str(f) for f in report["files"]))

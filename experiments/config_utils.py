@@ -77,11 +77,75 @@ def _json_default(obj: Any) -> Any:
 
 
 def load_json(path: str) -> ml_collections.ConfigDict:
-    """The config saved in a workdir, as a locked ConfigDict (the schema it was run with)."""
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    """The config saved in a workdir, as a locked ConfigDict (the schema it was run with);
+    ConfigError naming the file if it is not readable."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable config ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a config (a JSON object was expected)")
+    config = ml_collections.ConfigDict(data)
     config.lock()
     return config
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(argv without `--config.a.b=v` items, ["a.b=v", ...]): the overrides of a mode that has
+    no config file (eval applies them to the run's config.json)."""
+    rest, overrides = [], []
+    for arg in argv:
+        m = re.match(r"--config\.([\w.]+)=(.*)$", arg)
+        if m:
+            overrides.append(f"{m.group(1)}={m.group(2)}")
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def _coerce_like(path: str, text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        return _coerce(f"config.{path}", text, current)
+    if isinstance(current, int | float):
+        try:
+            return type(current)(text)
+        except ValueError:
+            kind = type(current).__name__
+            raise ConfigError(f"config.{path}: {text!r} is not {kind}") from None
+    if isinstance(current, list | tuple) or (current is None and text[:1] in "([{"):
+        import ast
+
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"config.{path}: {text!r} is not a Python literal") from None
+        return list(value) if isinstance(current, list) else value
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> dict:
+    """Set "a.b=v" items on a locked config, each value of the field's type; {path: value}.
+    An unknown field is a ConfigError naming it and its block's fields."""
+    applied = {}
+    for item in overrides:
+        path, _, text = item.partition("=")
+        node, keys = config, path.split(".")
+        for i, key in enumerate(keys):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                where = ".".join(["config", *keys[:i]])
+                fields = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+                raise ConfigError(
+                    f"config.{'.'.join(keys[: i + 1])}: no such field; fields of {where}: "
+                    f"{fields or '(a value)'}"
+                )
+            if i < len(keys) - 1:
+                node = node[key]
+        value = _coerce_like(path, text, node[keys[-1]])
+        with config.unlocked():
+            node[keys[-1]] = value
+        applied[path] = value
+    return applied
 
 
 def _block_registries() -> dict[str, Mapping[str, Any]]:
@@ -144,6 +208,21 @@ def parse_lengths(values: Sequence[str] | None) -> list[int] | None:
     if min(lengths) <= 0:
         raise ConfigError(f"--lengths: {min(lengths)} <= 0; lengths must be positive")
     return lengths
+
+
+def parse_flags(flag_values, argv: list[str], overrides_out: list[str]):
+    """absl flag parsing for experiments.main: (remaining argv, None), or (argv, (one line,
+    exit status)) on any failure. `--config.a.b=v` items given without a config file (eval's
+    overrides of the run's config.json) go to `overrides_out` instead of absl."""
+    try:
+        if not any(a == "--config" or a.startswith("--config=") for a in argv):
+            argv, overrides_out[:] = split_overrides(argv)
+        rest = flag_values(argv)
+        if flag_values.mode == "train" or flag_values["config"].present:
+            flag_values.config.get("seed")  # a missing file only raises when first read
+    except Exception as e:  # every parse failure becomes one line, never a traceback
+        return argv, describe_error(e, argv)
+    return rest, None
 
 
 def describe_error(exc: BaseException, argv: Sequence[str]) -> tuple[str, int]:

@@ -24,8 +24,12 @@ Public: `Evaluator(config, mesh)(state, step=, lengths=, log_row=)`, `evaluate_a
 """
 
 import contextlib
+import hashlib
+import json
 import logging
+import math
 import os
+import re
 import time
 
 import jax
@@ -35,14 +39,14 @@ from flax import nnx
 
 import attn.models
 from attn.registry import ConfigError
-from experiments import input_pipeline, mesh, metrics, state, tasks
+from experiments import config_utils, input_pipeline, mesh, metrics, state, tasks
 from experiments.validate import resolve_eval_lengths, validate
-from experiments.workdir import atomic_write_json, workdir_lock
+from experiments.workdir import atomic_write_json, rewind_jsonl, workdir_lock
 
 log = logging.getLogger("attn.evaluate")
 
 
-def _eval_config(config):
+def _with_eval_positions(config):
     """The config the eval model is built from: eval.random_positions -> sampler at_eval."""
     cfg = config.copy_and_resolve_references()
     positions = cfg.model.get("positions")  # recurrent and SSM models have no sampler
@@ -70,7 +74,7 @@ class Evaluator:
         self.mesh = device_mesh
         self.task = tasks.build(config.task)
         self.layout = attn.models.batch_format(config.model.name, config.model)
-        graphdef, _ = nnx.split(state.abstract_model(_eval_config(config))[1])
+        graphdef, _ = nnx.split(state.abstract_model(_with_eval_positions(config))[1])
 
         def sums(model_state, batch):
             model = nnx.merge(graphdef, model_state)
@@ -124,16 +128,42 @@ class Evaluator:
         return out
 
 
+FINAL = "final"  # the training run's own evaluation: results.json
+PERIODIC = "periodic"  # evaluations during training (metrics.jsonl rows only)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# What an evaluation may change of a run's config (model fields only if every parameter keeps
+# its shape: RoPE scaling, positions at evaluation, the attention implementation, ...).
+EVAL_FIELDS = ("eval.", "model.", "task.eval_lengths")
+
+
+def results_path(workdir: str, name: str = FINAL) -> str:
+    """results.json for the final evaluation, evals/<name>.json for a named one."""
+    if name == FINAL:
+        return os.path.join(workdir, "results.json")
+    return os.path.join(workdir, "evals", f"{name}.json")
+
+
 def evaluate_and_write(
-    config, workdir, model, *, step: int, evaluator: Evaluator, lengths=None, writer=None
+    config,
+    workdir,
+    model,
+    *,
+    step: int,
+    evaluator: Evaluator,
+    lengths=None,
+    writer=None,
+    name: str = FINAL,
+    overrides: dict | None = None,
 ) -> dict:
-    """The evaluation at the eval grid, then workdir/results.json (process 0). Rows go to
-    `writer` (a metrics.MetricsWriter of workdir; one is opened if None)."""
+    """The evaluation at the eval grid, then its results file (process 0): results.json for
+    the final evaluation, evals/<name>.json for a named one. Rows go to `writer` (a
+    metrics.MetricsWriter of workdir; one is opened if None) with "eval": name."""
     lengths = resolve_eval_lengths(config, lengths)
     with contextlib.ExitStack() as stack:
         if writer is None:
             writer = stack.enter_context(metrics.MetricsWriter(workdir))
-        per_length = evaluator(model, step=step, lengths=lengths, log_row=writer.row)
+        log_row = lambda row: writer.row({**row, "eval": name})
+        per_length = evaluator(model, step=step, lengths=lengths, log_row=log_row)
     task = evaluator.task
     results = {
         "config": config.to_dict(),
@@ -141,7 +171,10 @@ def evaluate_and_write(
         "variant": config.variant,
         "seed": int(config.seed),
         "step": int(step),
+        "eval": name,
+        "overrides": dict(overrides or {}),
         "train_max_length": task.max_train_length,
+        "chance": task.chance,
         "per_length": {str(n): m for n, m in per_length.items()},
         "summary": metrics.summarize(
             per_length, train_max_length=task.max_train_length, metric=task.metric
@@ -150,25 +183,92 @@ def evaluate_and_write(
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if jax.process_index() == 0:
-        atomic_write_json(os.path.join(workdir, "results.json"), metrics.jsonable(results))
+        path = results_path(workdir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_json(path, metrics.jsonable(results))
     return results
 
 
-def run(workdir: str, *, lengths=None) -> dict:
-    """Evaluate the latest good checkpoint of `workdir` at `lengths` (default: eval.lengths)."""
-    from experiments import config_utils
+def _eval_config(config, overrides):
+    """The run's config with evaluation-time overrides ("a.b=v"); ConfigError for a field an
+    evaluation may not change."""
+    config = config.copy_and_resolve_references()
+    for item in overrides:
+        path = item.partition("=")[0]
+        if not path.startswith(EVAL_FIELDS):
+            raise ConfigError(
+                f"config.{path}: not an evaluation-time field; an evaluation may change eval.*, "
+                "task.eval_lengths and model fields that keep every parameter's shape"
+            )
+    applied = config_utils.apply_overrides(config, overrides)
+    return config, applied
 
+
+def _param_shapes(config):
+    return jax.tree.map(
+        lambda x: tuple(x.shape), nnx.state(state.abstract_model(config)[1], nnx.Param)
+    )
+
+
+def default_name(step: int, applied: dict, lengths) -> str:
+    """step<N>, with a short hash of what this evaluation changed when it changed anything."""
+    change = {**applied, **({"lengths": list(lengths)} if lengths else {})}
+    if not change:
+        return f"step{step}"
+    digest = hashlib.sha1(json.dumps(change, sort_keys=True, default=str).encode()).hexdigest()
+    return f"step{step}-{digest[:8]}"
+
+
+def run(
+    workdir: str, *, lengths=None, step=None, name=None, overrides=(), config_given=False
+) -> dict:
+    """Evaluate a checkpoint of `workdir` (the latest good one, or `step`) at `lengths`
+    (default: eval.lengths), with evaluation-time `overrides` ("a.b=v"), as evaluation `name`
+    (default step<N>[-<hash of the overrides>]); writes evals/<name>.json and rows with
+    "eval": name (rows of an earlier evaluation of that name are replaced)."""
+    if config_given:
+        raise ConfigError(
+            "--config: eval reads the run's config.json; change its evaluation-time fields "
+            "with overrides alone, e.g. --config.eval.num_examples=256"
+        )
     workdir = os.path.abspath(workdir)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"--workdir: {path} not found; not a run directory (train it first)")
+    if name is not None and (name in (FINAL, PERIODIC) or not _NAME.match(name)):
+        raise ConfigError(
+            f"--name: {name!r}; letters, digits, '.', '_' and '-', not {FINAL!r} or {PERIODIC!r}"
+            " (the training run's own evaluations)"
+        )
+    if step is not None and step < 0:
+        raise ConfigError(f"--step: {step} < 0; a checkpoint step of the run")
     config = config_utils.load_json(path)
-    validate(config, eval_lengths=lengths)
+    eval_config, applied = _eval_config(config, overrides)
+    validate(eval_config, eval_lengths=lengths)
+    if _param_shapes(eval_config) != _param_shapes(config):
+        changed = ", ".join(f"config.{k}" for k in applied if k.startswith("model."))
+        raise ConfigError(
+            f"{changed}: changes the model's parameters; an evaluation may only change fields "
+            "that keep every parameter's shape"
+        )
     with workdir_lock(workdir, process_index=jax.process_index()):
         device_mesh = mesh.make_mesh(config)
-        graphdef, train_state, step = state.load_state(config, workdir, mesh=device_mesh)
-        model = state.merge_model(graphdef, train_state)
-        evaluator = Evaluator(config, device_mesh)
+        graphdef, train_state, step = state.load_state(config, workdir, mesh=device_mesh, step=step)
+        name = name or default_name(step, applied, lengths)
+        if jax.process_index() == 0:
+            rewind_jsonl(
+                os.path.join(workdir, "metrics.jsonl"),
+                math.inf,
+                keep=lambda r: not (r.get("split") == "eval" and r.get("eval") == name),
+            )
+        log.info("evaluation %s of %s at step %d", name, workdir, step)
         return evaluate_and_write(
-            config, workdir, model, step=step, evaluator=evaluator, lengths=lengths
+            eval_config,
+            workdir,
+            state.merge_model(graphdef, train_state),
+            step=step,
+            evaluator=Evaluator(eval_config, device_mesh),
+            lengths=lengths,
+            name=name,
+            overrides=applied,
         )

@@ -1,9 +1,7 @@
-"""Entry point (README "Commands"): `--mode train --config configs/formal.py:pe=alibi
---workdir runs/a`, or `--mode eval --workdir runs/a --lengths 40,80,160`. Exit status: 0 done;
-1 runtime failure (workdir.RunError); 2 bad configuration (ConfigError or an unloadable
---config: one line, nothing compiled); 128 + signal (130 SIGINT, 143 SIGTERM) after saving a
-checkpoint: the same command resumes. --distributed: jax.distributed.initialize (automatic
-when experiments/multi.py sets JAX_COORDINATOR_ADDRESS)."""
+"""Entry point (README "Commands"): `--mode train --config F:k=v --workdir W`, or `--mode eval
+--workdir W [--lengths 40,80] [--step N] [--name X] [--config.eval.num_examples=256 ...]`.
+Exit 0 done; 1 RunError; 2 bad configuration (one line, nothing compiled); 128 + signal after
+saving a checkpoint (re-running resumes). --distributed: jax.distributed.initialize."""
 
 import logging
 import sys
@@ -19,6 +17,9 @@ flags.DEFINE_string("workdir", None, "Run directory (created; re-running resumes
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (then evaluate) or evaluate only.")
 flags.DEFINE_list("lengths", None, "Eval lengths, e.g. 40,80,160 (default: eval.lengths).")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize (SLURM, TPU pods).")
+flags.DEFINE_integer("step", None, "eval: the checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("name", None, "eval: the evaluation's name (default step<N>[-<hash>]).")
+_OVERRIDES: list[str] = []  # --config.a.b=v without --config: eval's overrides of config.json
 
 
 def _fail(message: str, status: int) -> None:
@@ -27,12 +28,9 @@ def _fail(message: str, status: int) -> None:
 
 
 def _parse(argv: list[str]) -> list[str]:
-    try:
-        rest = flags.FLAGS(argv)
-        if flags.FLAGS.mode == "train" or flags.FLAGS["config"].present:
-            flags.FLAGS.config.get("seed")  # a missing file only raises when first read
-    except Exception as e:  # every parse failure becomes one line, never a traceback
-        _fail(*config_utils.describe_error(e, argv))
+    rest, error = config_utils.parse_flags(flags.FLAGS, argv, _OVERRIDES)
+    if error:
+        _fail(*error)
     return rest
 
 
@@ -51,7 +49,9 @@ def main(argv: list[str]) -> None:
             config = config_utils.reconcile_blocks(f.config, sys.argv)
             result = train.run(config, f.workdir, eval_lengths=lengths)
         else:
-            result = evaluate.run(f.workdir, lengths=lengths)
+            given = f["config"].present
+            kw = dict(step=f.step, name=f.name, overrides=_OVERRIDES, config_given=given)
+            result = evaluate.run(f.workdir, lengths=lengths, **kw)
     except (ConfigError, RunError) as e:
         _fail(str(e).splitlines()[0], 2 if isinstance(e, ConfigError) else 1)
     sys.exit(128 + result["interrupted"] if result.get("interrupted") else 0)

@@ -56,14 +56,17 @@ def main(argv=None) -> int:
     trained = time.perf_counter() - t0
     try:
         report = compare.compare([args.workdir], args.out)
-    except (FileNotFoundError, ValueError) as e:
+    except compare.CompareError as e:
         print(f"quickstart: no report: {e}", file=sys.stderr)
         return 1
     print()
     print(report["table"])
     for task, row in compare.best_per_task(report["rows"]).items():
+        if row is None:
+            print(f"best on {task} beyond the training length: none (all rows tie)")
+            continue
         print(
-            f"best on {task} beyond the training length: {row.variant} "
+            f"best on {task} beyond the training length: {row.label} "
             f"({row.metric} {compare.fmt(row.metric, row.ood_mean)} %)"
         )
     first = sorted(Path(args.workdir).glob("pe=alibi*"))

@@ -143,7 +143,7 @@ class _SeedHooks(train.LoopHooks):
                 state_lib.merge_model(self.graphdef, unstack(state, i)),
                 step=step,
                 lengths=resolve_eval_lengths(f.config, during_training=True),
-                log_row=f.writer.row,
+                log_row=lambda row, f=f: f.writer.row({**row, "eval": evaluate.PERIODIC}),
             )
 
     def stop(self, step):

@@ -346,7 +346,11 @@ class RunFiles:
             rewind_jsonl(
                 os.path.join(self.workdir, "metrics.jsonl"),
                 start,
-                keep=lambda r: r["split"] == "train" or r["step"] < steps,
+                keep=lambda r: (
+                    r["split"] == "train"
+                    or r["step"] < steps
+                    or r.get("eval", evaluate.FINAL) != evaluate.FINAL
+                ),
             )
             done = os.path.join(self.workdir, DONE)
             if os.path.exists(done) and start < steps:
@@ -500,7 +504,7 @@ class _DriverHooks(LoopHooks):
             state_lib.merge_model(self.graphdef, state),
             step=step,
             lengths=resolve_eval_lengths(self.config, during_training=True),
-            log_row=self.files.writer.row,
+            log_row=lambda row: self.files.writer.row({**row, "eval": evaluate.PERIODIC}),
         )
 
 

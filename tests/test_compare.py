@@ -14,14 +14,20 @@ TRAIN_LEN = 8
 LENGTHS = (4, 8, 16, 32)
 
 
-def _write_run(path, *, task, variant, seed, acc_by_length, losses=(2.0, 1.5)):
-    path.mkdir(parents=True)
+def _mean(values):
+    return float(np.mean(values)) if values else None
+
+
+def _write_run(
+    path, *, task, variant, seed, acc_by_length, losses=(2.0, 1.5), config=None, name="final"
+):
+    path.mkdir(parents=True, exist_ok=True)
     per_length = {
         str(n): {"loss": 1.0 - a, "token_acc": a, "seq_acc": a / 2}
         for n, a in acc_by_length.items()
     }
     results = {
-        "config": {},
+        "config": config or {},
         "task": task,
         "variant": variant,
         "seed": seed,
@@ -29,13 +35,15 @@ def _write_run(path, *, task, variant, seed, acc_by_length, losses=(2.0, 1.5)):
         "train_max_length": TRAIN_LEN,
         "per_length": per_length,
         "summary": {
-            "id_mean": float(np.mean([a for n, a in acc_by_length.items() if n <= TRAIN_LEN])),
-            "ood_mean": float(np.mean([a for n, a in acc_by_length.items() if n > TRAIN_LEN])),
+            "id_mean": _mean([a for n, a in acc_by_length.items() if n <= TRAIN_LEN]),
+            "ood_mean": _mean([a for n, a in acc_by_length.items() if n > TRAIN_LEN]),
             "metric": "token_acc",
         },
         "date": "",
     }
-    (path / "results.json").write_text(json.dumps(results))
+    file = path / ("results.json" if name == "final" else f"evals/{name}.json")
+    file.parent.mkdir(exist_ok=True)
+    file.write_text(json.dumps(results))
     rows = [{"step": i, "split": "train", "loss": loss} for i, loss in enumerate(losses)]
     rows.append({"step": 2, "split": "eval", "length": 4, "token_acc": 0.5})
     text = "\n".join(json.dumps(r) for r in rows) + '\n{"step": 3, "spl'  # torn last line
@@ -169,7 +177,7 @@ def test_single_run_has_no_std_and_missing_runs_fail_cleanly(tmp_path, capsys):
     report = compare.compare([tmp_path / "one"], tmp_path / "r")
     (row,) = report["rows"]
     assert (row.n, row.ood_std, row.ood_mean, row.id_mean) == (1, None, 0.25, 1.0)
-    assert "| none | 1 | 100.0 | 25.0 |" in (tmp_path / "r" / "table.md").read_text()
+    assert "| none | 1 | 100 | 100.0 | 25.0 |" in (tmp_path / "r" / "table.md").read_text()
     assert compare.main([str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 2
     assert "no run directories" in capsys.readouterr().err
 
@@ -183,3 +191,136 @@ def test_plot_attention_on_arrays(tmp_path):
         weights, tmp_path / "attention_x.png", title="x", tokens=list("abcdef")
     )
     _png_ok(path)
+
+
+def _capture_figures(monkeypatch):
+    """The matplotlib figures the plots would save, kept open for inspection."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path.touch())
+    return figures
+
+
+def test_runs_that_differ_beyond_the_seed_are_separate_rows_unless_pooled(tmp_path, capsys):
+    for lr, seed, acc in ((1e-3, 0, 0.9), (1e-3, 1, 0.7), (3e-4, 0, 0.2)):
+        config = {"task": {"name": "t"}, "train": {"optimizer": {"lr": lr}, "steps": 100}}
+        _write_run(
+            tmp_path / f"lr={lr},seed={seed}",
+            task="t",
+            variant="rope",
+            seed=seed,
+            acc_by_length={4: 1.0, 16: acc},
+            config={**config, "seed": seed},
+        )
+    rows = compare.compare([tmp_path], tmp_path / "r")["rows"]
+    assert [(r.label, r.n) for r in rows] == [
+        ("rope [train.optimizer.lr=0.001]", 2),
+        ("rope [train.optimizer.lr=0.0003]", 1),
+    ]
+    assert rows[0].ood_mean == pytest.approx(0.8) and rows[0].pooled == ()
+    pooled = compare.compare([tmp_path], tmp_path / "p", pool=["train.optimizer.lr"])["rows"]
+    assert [(r.label, r.n, r.pooled) for r in pooled] == [("rope", 3, ("train.optimizer.lr",))]
+    assert "Pooled over train.optimizer.lr" in (tmp_path / "p" / "table.md").read_text()
+
+
+def test_training_lengths_steps_chance_and_train_loss_tail(tmp_path):
+    for train_len, steps in ((8, 30), (16, 1500)):
+        config = {"task": {"name": "parity_check"}, "train": {"steps": steps}}
+        path = tmp_path / f"len{train_len}"
+        _write_run(
+            path,
+            task="parity_check",
+            variant="rope",
+            seed=0,
+            acc_by_length={4: 1.0, 32: 0.5},
+            losses=[5.0] * 18 + [1.0, 3.0],
+            config=config,
+        )
+        results = json.loads((path / "results.json").read_text())
+        results["train_max_length"], results["step"] = train_len, steps
+        (path / "results.json").write_text(json.dumps(results))
+    report = compare.compare([tmp_path], tmp_path / "r")
+    assert [(r.train_max_length, r.steps) for r in report["rows"]] == [(8, (30,)), (16, (1500,))]
+    table = (tmp_path / "r" / "table.md").read_text()
+    # One table per training length, each with its own bold columns and the chance level.
+    assert "### parity_check: token_acc (%), trained on lengths <= 8, chance 50.0, higher" in table
+    assert "### parity_check: token_acc (%), trained on lengths <= 16, chance 50.0," in table
+    # The train loss is the mean of the last tenth of training (2 of 20 rows), not the last row.
+    assert report["rows"][0].train_loss == pytest.approx(2.0)
+
+
+def test_diverged_and_unreadable_runs_do_not_stop_the_comparison(tmp_path, capsys):
+    _write_run(tmp_path / "ok", task="t", variant="a", seed=0, acc_by_length={4: 1.0, 16: 0.5})
+    _write_run(tmp_path / "nan", task="t", variant="a", seed=1, acc_by_length={4: 1.0, 16: 0.1})
+    results = json.loads((tmp_path / "nan" / "results.json").read_text())
+    results["per_length"]["16"]["token_acc"] = None  # written as null when not finite
+    (tmp_path / "nan" / "results.json").write_text(json.dumps(results))
+    (tmp_path / "nan" / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": null}\n')
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "results.json").write_text('{"task": "t", "per_len')
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert f"compare: skipped {tmp_path / 'torn' / 'results.json'}: not a readable" in captured.err
+    (row,) = compare.load_all([tmp_path])[0] and compare.summarize(compare.load_all([tmp_path])[0])
+    assert (row.n, row.diverged, row.ood_mean) == (2, 1, 0.5)
+    assert "| a | 2 (1 diverged) |" in captured.out
+
+
+def test_no_best_variant_when_every_row_ties(tmp_path, capsys):
+    for variant in ("a", "b"):
+        _write_run(tmp_path / variant, task="t", variant=variant, seed=0, acc_by_length={16: 0.0})
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    assert "best on t: none (every row scores the same)" in capsys.readouterr().out
+
+
+def test_a_named_evaluation_is_compared_on_request(tmp_path):
+    _write_run(tmp_path / "run", task="t", variant="a", seed=0, acc_by_length={4: 1.0, 16: 0.5})
+    _write_run(
+        tmp_path / "run", task="t", variant="a", seed=0, acc_by_length={64: 0.3}, name="ntk4"
+    )
+    (row,) = compare.compare([tmp_path], tmp_path / "r", eval_name="ntk4")["rows"]
+    assert list(row.per_length) == [64] and row.ood_mean == pytest.approx(0.3)
+    with pytest.raises(compare.CompareError, match="no run directories"):
+        compare.compare([tmp_path], tmp_path / "r", eval_name="missing")
+
+
+def test_load_runs_is_a_dataframe_of_configs_and_metrics(runs):
+    root, truth = runs
+    frame = compare.load_runs([root])
+    assert len(frame) == sum(len(v) for v in truth.values()) * len(LENGTHS)
+    assert {"path", "task", "variant", "seed", "length", "ood", "token_acc"} <= set(frame.columns)
+    one = frame[(frame.task == "parity_check") & (frame.variant == "alibi") & (frame.seed == 0)]
+    name, accs, _ = truth[("parity_check", "alibi")][0]
+    assert dict(zip(one.length, one.token_acc, strict=True)) == pytest.approx(accs)
+
+
+def test_length_curves_stay_readable_with_twelve_variants(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    for i in range(12):
+        for seed, acc in ((0, 0.1), (1, 0.95)):  # a std band that would cross 0 and 1
+            _write_run(
+                tmp_path / f"v{i},seed={seed}",
+                task="t",
+                variant=f"v{i}",
+                seed=seed,
+                acc_by_length={4: acc, 16: acc},
+            )
+    compare.compare([tmp_path], tmp_path / "r")
+    (fig,) = figures
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert ax.get_legend() is None and len(fig.legends) == 1  # the legend is outside the panel
+    assert len(fig.legends[0].get_texts()) == 12
+    assert ax.get_ylim() == pytest.approx((-0.02, 1.02))
+    for band in ax.collections:
+        ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+        assert ys.min() >= 0.0 and ys.max() <= 1.0
+
+
+def test_attention_maps_have_a_colorbar_and_labelled_axes(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    weights = {0: np.full((2, 5, 5), 0.2), 1: np.full((2, 5, 5), 0.2)}
+    plots.plot_attention(weights, tmp_path / "a.png", title="run, 5 tokens")
+    (fig,) = figures
+    maps = [a for a in fig.axes if a.get_images()]
+    assert len(maps) == 4 and len(fig.axes) == 5  # 2 layers x 2 heads + the colorbar
+    assert maps[0].get_ylabel() == "layer 0\nquery position"
+    assert maps[-1].get_xlabel() == "key position"

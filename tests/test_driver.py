@@ -127,19 +127,46 @@ def test_train_writes_documented_outputs(baseline):
     assert summary["id_mean"] == pytest.approx(np.mean(id_values))
 
 
-def test_eval_mode_rewrites_results(baseline, shared):
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.main",
-        "--mode=eval",
-        f"--workdir={baseline}",
-        "--lengths=12",
-    ]
-    run_main(cmd)
-    results = json.loads((baseline / "results.json").read_text())
+def eval_cmd(workdir, *extra) -> list[str]:
+    return [sys.executable, "-m", "experiments.main", "--mode=eval", f"--workdir={workdir}", *extra]
+
+
+def test_named_evaluations_are_kept_side_by_side(baseline, shared):
+    final = (baseline / "results.json").read_bytes()
+    for _ in range(2):  # the same evaluation again replaces its rows, never duplicates them
+        out = run_main(eval_cmd(baseline, "--lengths=12"))
+    (path,) = (baseline / "evals").glob("step12-*.json")
+    name = path.stem
+    results = json.loads(path.read_text())
     assert list(results["per_length"]) == ["12"] and results["step"] == STEPS
-    assert rows(baseline)[-1]["length"] == 12
+    assert results["eval"] == name and (baseline / "results.json").read_bytes() == final
+    named = [r for r in rows(baseline) if r.get("eval") == name]
+    assert [(r["step"], r["length"]) for r in named] == [(STEPS, 12)], out.stderr[-2000:]
+    # Evaluation-time overrides of config.json, an earlier checkpoint, a chosen name.
+    run_main(eval_cmd(baseline, "--step=10", "--name=small", "--config.eval.num_examples=4"))
+    small = json.loads((baseline / "evals" / "small.json").read_text())
+    assert small["step"] == 10 and small["overrides"] == {"eval.num_examples": 4}
+    assert {m["num_examples"] for m in small["per_length"].values()} == {4}
+    assert json.loads((baseline / "config.json").read_text())["eval"]["num_examples"] == 8
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.steps=5", "config.train.steps: not an evaluation-time field"),
+        ("model.d_model=32", "config.model.d_model: changes the model's parameters"),
+        ("eval.lenghts=4", "config.eval.lenghts: no such field; fields of config.eval: "),
+    ],
+)
+def test_evaluation_overrides_that_cannot_apply(baseline, override, message):
+    from attn.registry import ConfigError
+    from experiments import evaluate
+
+    with pytest.raises(ConfigError) as e:
+        evaluate.run(str(baseline), overrides=[override])
+    assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(ConfigError, match="^--name: 'final'"):
+        evaluate.run(str(baseline), name="final")
 
 
 def test_sigkill_then_resume_is_bit_identical(baseline, shared):
@@ -159,8 +186,9 @@ def test_sigkill_then_resume_is_bit_identical(baseline, shared):
     proc.wait()
     assert not (workdir / "DONE").exists()
     run_main(cmd)
+    own = ("final", "periodic", None)  # rows of the run itself, not of later evaluations
     assert reproducible(rows(workdir)) == reproducible(
-        [r for r in rows(baseline) if r.get("length") != 12]
+        [r for r in rows(baseline) if r.get("eval") in own]
     )
     step_a, a = final_params(baseline)
     step_b, b = final_params(workdir)
