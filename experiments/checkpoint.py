@@ -9,7 +9,9 @@ so a kill during a save leaves only a tmp directory). On top of it, just before 
 commits, we write `attn_manifest.json` (size and SHA-256 of every file) into the step, so a
 step that is later truncated or corrupted on disk is detected at restore: a bad latest step is
 quarantined (renamed to `workdir/checkpoints_quarantine`, never deleted) and the previous good
-step is restored, with one log line saying so. Orbax has neither.
+step is restored, with one log line saying so. Orbax has neither. With several processes,
+process 0 alone verifies, quarantines and chooses the step to restore, and broadcasts it; the
+others restore that step (`broadcast_step`).
 
 A reader (`read_only=True`: eval, generate, compare's attention maps) never deletes or writes
 anything, so it can open the checkpoints of a run that is training.
@@ -94,6 +96,19 @@ def verify_step_dir(step_dir: str | os.PathLike) -> str | None:
         if _file_digest(p) != want["sha256"]:
             return f"{rel} fails its checksum"
     return None
+
+
+def processes() -> tuple[int, int]:
+    """(this process's index, process count)."""
+    return jax.process_index(), jax.process_count()
+
+
+def broadcast_step(step: int | None) -> int | None:
+    """Process 0's `step` (None: no checkpoint) on every process; a collective call."""
+    from jax.experimental import multihost_utils
+
+    value = multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step))
+    return None if int(value) < 0 else int(value)
 
 
 def _restore_target(x):
@@ -361,6 +376,10 @@ class Checkpointer:
         "checkpoint step N is unreadable (...); falling back to step M". With an explicit
         `step` there is no fallback: a bad step is a RunError. `abstract_state` holds arrays
         or jax.ShapeDtypeStructs whose shardings say where the restored arrays land.
+
+        With several processes, process 0 verifies, quarantines and chooses the step, and
+        every process restores that one (`broadcast_step`): processes that chose on their
+        own could restore different steps while process 0 moves bad ones away.
         """
         self.wait()
         self._manager.reload()
@@ -372,21 +391,31 @@ class Checkpointer:
                     f"checkpoint step {step} in {self.directory} is unreadable ({problem})"
                 )
             return self._restore_step(step, abstract), step
+        index, count = processes()
+        chosen = self._choose_step() if index == 0 else None
+        if count > 1:
+            chosen = broadcast_step(chosen)
+            self._manager.reload()  # process 0 may have quarantined steps
+        if chosen is None:
+            return None, None
+        return self._restore_step(chosen, abstract), chosen
+
+    def _choose_step(self) -> int | None:
+        """The newest step that passes verification (quarantining bad newer ones), or None."""
         bad: list[tuple[int, str]] = []
         for candidate in sorted(self._manager.all_steps(), reverse=True):
             problem = verify_step_dir(self.directory / str(candidate))
             if problem is None:
-                restored = self._restore_step(candidate, abstract)
                 if bad:
                     self._log_fallback(bad, f"falling back to step {candidate}")
-                return restored, candidate
-            if jax.process_index() == 0 and not self.read_only:
+                return candidate
+            if not self.read_only:
                 self.quarantine(candidate, problem)
             bad.append((candidate, problem))
         if bad:
             self._log_fallback(bad, "no earlier good checkpoint: starting from step 0")
             self._manager.reload()
-        return None, None
+        return None
 
     def _log_fallback(self, bad: list[tuple[int, str]], then: str) -> None:
         (step, problem), others = bad[0], bad[1:]

@@ -8,7 +8,10 @@ knowing what trains in it (checkpoints are experiments/checkpoint.py):
   one whole row per call, and `rewind_jsonl` drops rows past a restored step (and a torn last
   line) so a resumed run's metrics.jsonl reads as if it had never been interrupted.
 - `workdir_lock` keeps a second process off a workdir that is in use (fcntl.flock, which the
-  kernel releases when the holder dies, even by kill -9).
+  kernel releases when the holder dies, even by kill -9). On a filesystem without flock (some
+  NFS mounts without a lock daemon, FUSE filesystems) it falls back to a lock file created
+  with O_EXCL that names its holder (host and pid): one left by a dead process of the same
+  host is taken over; one from another host cannot be checked and is reported.
 - `StopSignals`: SIGTERM / SIGINT become a flag the training loop polls.
 - `RunError`: a one-line, user-facing runtime failure (exit status 1, no traceback); disk and
   writability checks that raise it.
@@ -24,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -191,6 +195,12 @@ def ensure_writable_dir(directory: str | os.PathLike, what: str = "workdir") -> 
 # ----------------------------------------------------------------------------- lock
 
 
+# errnos with which flock says the filesystem cannot lock (rather than that the lock is held)
+FLOCK_UNSUPPORTED = frozenset(
+    {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+)
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str | os.PathLike, *, process_index: int = 0) -> Iterator[Path]:
     """Hold an exclusive lock on `workdir` for the duration of the block.
@@ -199,7 +209,8 @@ def workdir_lock(workdir: str | os.PathLike, *, process_index: int = 0) -> Itera
     of one multi-process run do not block each other, while a second run on the same workdir
     is refused). The kernel drops the lock when the holder exits, however it exits, so a
     stale lock file never blocks a rerun. A second holder gets a one-line RunError naming the
-    process that holds it.
+    process that holds it. Where the filesystem has no flock, `exclusive_lock_file` on
+    `<lock>.excl` takes its place (one warning says so).
     """
     workdir = ensure_writable_dir(workdir)
     name = LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}"
@@ -208,11 +219,26 @@ def workdir_lock(workdir: str | os.PathLike, *, process_index: int = 0) -> Itera
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock = True
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise RunError(
                 f"workdir {workdir} is in use by process {holder} (lock {lock_path})"
             ) from None
+        except OSError as e:
+            if e.errno not in FLOCK_UNSUPPORTED:
+                raise
+            log.warning(
+                "flock is not available on the filesystem of %s (%s); locking with an "
+                "exclusive lock file instead",
+                workdir,
+                e.strerror or e,
+            )
+            flock = False
+        if not flock:
+            with exclusive_lock_file(lock_path.with_name(lock_path.name + ".excl"), workdir):
+                yield lock_path
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         os.fsync(fd)
@@ -222,6 +248,57 @@ def workdir_lock(workdir: str | os.PathLike, *, process_index: int = 0) -> Itera
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def exclusive_lock_file(path: Path, workdir) -> Iterator[Path]:
+    """A lock without flock: create `path` with O_CREAT | O_EXCL (atomic on NFSv3+ and local
+    filesystems), holding "host pid"; remove it on exit. A file whose holder is a dead process
+    on this host is stale and taken over; a holder on another host cannot be checked, so the
+    RunError says how to remove the file if that run is gone."""
+    host = socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder_host, holder_pid = path.read_text().split()
+                pid = int(holder_pid)
+            except (OSError, ValueError):
+                holder_host, pid = "?", -1  # being written, or torn by a crash
+            if holder_host == host and pid > 0 and not _pid_alive(pid):
+                log.warning("removing stale lock %s of dead process %d", path, pid)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            raise RunError(
+                f"workdir {workdir} is in use by process {pid} on {holder_host} (lock file "
+                f"{path}; this filesystem has no flock: if that run is gone, delete the file)"
+            ) from None
+        try:
+            os.write(fd, f"{host} {os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        break
+    else:
+        raise RunError(f"workdir {workdir}: could not take the lock file {path}")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text().split() == [host, str(os.getpid())]:
+                path.unlink()
 
 
 # ----------------------------------------------------------------------------- signals

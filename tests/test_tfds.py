@@ -120,7 +120,7 @@ def test_text_batches(tmp_path, corpus):
         }
     )
     assert task.vocab_size == NUM_SPECIAL + 256 and task.layouts == ("decoder",)
-    train = task.stream("train")
+    train = task.stream("train")[:]  # the whole stream, materialised (it is memory-mapped)
     assert (train == EOS).sum() == sum(tfds_builders.text_split(p) == "train" for p in texts)
     assert train.min() >= 0 and train.max() < task.vocab_size
     stream = ip.train_batches(task, batch_size=4, layout="decoder", seed=0)

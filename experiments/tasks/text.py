@@ -5,7 +5,9 @@ tokens, evaluate perplexity on non-overlapping chunks of longer lengths. The cor
 TFDS dataset `attn_text` (tfds_builders.AttnText): by default this Python's standard library
 sources, or any directory of text files (`source` field). Tokens are bytes 0..255 shifted by
 NUM_SPECIAL; documents of a split are concatenated with EOS between them, so windows and
-chunks may cross document boundaries (as in WikiText-103 LM practice).
+chunks may cross document boundaries (as in WikiText-103 LM practice). The stream is a
+`TokenStream` over a memory-mapped uint8 file (tfds_builders.text_stream_files): processes
+share the page cache and only the windows a batch needs become int32.
 
 Training windows of length L + 1 start at offsets drawn uniformly from the train stream by
 the batch generator of (seed, step). Evaluation chunk i covers tokens [iL, (i+1)L] of the
@@ -13,6 +15,7 @@ eval split's stream (L inputs, L targets).
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -20,6 +23,37 @@ from experiments.tasks import layouts
 from experiments.tasks.base import EOS, NUM_SPECIAL, Task
 
 BYTES = 256
+
+
+class TokenStream:
+    """The token stream of a text split, read from memory-mapped bytes.
+
+    Token t is EOS where t is in `eos` (the stream index after each document), else the byte
+    at t minus the number of EOS tokens before t, plus NUM_SPECIAL. Indexing with an int, a
+    slice or an integer array returns int32 tokens; nothing else is materialised.
+    """
+
+    def __init__(self, data_path, eos_path):
+        size = os.path.getsize(data_path)
+        self._bytes = np.memmap(data_path, np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self._eos = np.load(eos_path)
+        self._eos_or_end = np.append(self._eos, -1)  # indexable by searchsorted's answer
+
+    def __len__(self) -> int:
+        return len(self._bytes) + len(self._eos)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        t = np.asarray(index, np.int64)
+        if t.size and (t.min() < 0 or t.max() >= len(self)):
+            raise IndexError(f"token index out of range [0, {len(self)})")
+        before = np.searchsorted(self._eos, t)  # EOS tokens before t
+        is_eos = self._eos_or_end[before] == t
+        if not len(self._bytes):
+            return np.full(t.shape, EOS, np.int32)
+        tokens = self._bytes[np.where(is_eos, 0, t - before)].astype(np.int32) + NUM_SPECIAL
+        return np.where(is_eos, EOS, tokens).astype(np.int32)
 
 
 class _Chunks:
@@ -62,7 +96,7 @@ class TextLM(Task):
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
-        self._streams: dict[tuple[str, str | None], np.ndarray] = {}
+        self._streams: dict[tuple[str, str | None], TokenStream] = {}
 
     @property
     def chance(self):
@@ -77,18 +111,14 @@ class TextLM(Task):
             data_dir=data_dir or self.cfg["data_dir"] or None,
         )
 
-    def stream(self, split: str, data_dir=None) -> np.ndarray:
-        """All documents of `split` as one int32 token stream, EOS after each document."""
+    def stream(self, split: str, data_dir=None) -> TokenStream:
+        """All documents of `split` as one token stream, EOS after each document."""
         key = (split, data_dir)
         if key not in self._streams:
             from experiments.tasks import tfds_builders
 
-            source = tfds_builders.prepare(self.builder(data_dir)).as_data_source(split=split)
-            parts = []
-            for i in range(len(source)):
-                parts.append(source[i]["bytes"].astype(np.int32) + NUM_SPECIAL)
-                parts.append(np.array([EOS], np.int32))
-            self._streams[key] = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+            builder = tfds_builders.prepare(self.builder(data_dir))
+            self._streams[key] = TokenStream(*tfds_builders.text_stream_files(builder, split))
         return self._streams[key]
 
     def train_windows(self, rng: np.random.Generator, n: int, batch: int) -> np.ndarray:

@@ -10,6 +10,12 @@
   non-overlapping chunks). The dataset metadata records files and bytes per split, the
   source directory and the Python version.
 
+A text split is also flattened once into `stream-<split>.u8` (all documents' bytes, uint8)
+and `stream-<split>.eos.npy` (where the end-of-document tokens go) beside the dataset
+(`text_stream_files`), which the text task memory-maps: every process of a run, and every
+run on the machine, shares one copy in the page cache instead of decoding the corpus to
+int32 in its own memory.
+
 Both write `file_format="array_record"` and are read with `builder.as_data_source(split)`,
 which TFDS 4.9 supports without TensorFlow (tensorflow_datasets' "TF-less" data sources:
 example serialisation and parsing fall back to its own protobuf code). Builder configs are
@@ -250,3 +256,31 @@ def text_builder(source: str | None = None, *, pattern: str = "*.py", data_dir=N
         name=name, description=f"{pattern} under {source}", source=source, pattern=pattern
     )
     return AttnText(config=config, data_dir=resolve_data_dir(data_dir), file_format="array_record")
+
+
+def text_stream_files(builder, split: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(bytes path, eos path) of a prepared text split, written on first use.
+
+    The bytes file holds the split's documents back to back (uint8); the .npy holds, for
+    each document, the stream index of the EOS token that follows it (int64, ascending), so
+    the token stream is bytes + NUM_SPECIAL with those EOS tokens in between. Each file is
+    written to a private tmp name and renamed, so processes that build it at once race
+    harmlessly.
+    """
+    root = pathlib.Path(str(builder.data_dir))
+    data, eos = root / f"stream-{split}.u8", root / f"stream-{split}.eos.npy"
+    if data.exists() and eos.exists():
+        return data, eos
+    source = builder.as_data_source(split=split)
+    lengths = np.zeros(len(source), np.int64)
+    tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for i in range(len(source)):
+            doc = np.asarray(source[i]["bytes"], np.uint8)
+            f.write(doc.tobytes())
+            lengths[i] = len(doc)
+    os.replace(tmp, data)
+    tmp = eos.with_name(f".{eos.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, np.cumsum(lengths) + np.arange(len(lengths)))
+    os.replace(tmp, eos)
+    return data, eos
