@@ -60,6 +60,8 @@ SUB_REGISTRIES = {
     "pe": attn.pe.REGISTRY,
     "positions": attn.positions.REGISTRY,
     "scorer": attn.scoring.REGISTRY,
+    "logit_scale": attn.scoring.LOGIT_SCALES,
+    "normaliser": attn.scoring.NORMALISERS,
 }
 
 
@@ -297,19 +299,34 @@ def _gather(x, idx):
     return None if x is None else jnp.take(x, idx, axis=1)
 
 
+def _take_block(bias_BHLS, q_idx, k_idx):
+    """Rows q_idx and columns k_idx of a bias broadcastable to BHLS (size-1 axes kept)."""
+    if bias_BHLS.shape[2] != 1:
+        bias_BHLS = jnp.take(bias_BHLS, q_idx, axis=2)
+    if bias_BHLS.shape[3] != 1:
+        bias_BHLS = jnp.take(bias_BHLS, k_idx, axis=3)
+    return bias_BHLS
+
+
 def positional_bias(pe, q, k, qpos, kpos, *, materialize: bool):
     """The PE's bias hook as attention's `bias` argument: None, a BHLS array or bias_fn.
 
     The hook is traced once on one row and one column to learn whether it returns None, so a
     PE without bias costs nothing; otherwise the callable gathers the block's positions (and
-    q/k rows for content-dependent biases) by index. A PE with a `kernel_bias` comes wrapped
-    with it and the positions (attn.kernels.PositionalBias), which impl="flash" reads.
+    q/k rows for content-dependent biases) by index; for an encoding that
+    `needs_materialized_logits` it cuts its blocks from the full bias instead. A PE with a
+    `kernel_bias` comes wrapped with it and the positions (attn.kernels.PositionalBias), which
+    impl="flash" reads.
     """
     probe = jax.eval_shape(lambda: pe.bias(qpos[:, :1], kpos[:, :1], q[:, :1], k[:, :1]))
     if probe is None:
         return None
-    if materialize:
-        return pe.bias(qpos, kpos, q, k)
+    if materialize or pe.needs_materialized_logits:
+        full = pe.bias(qpos, kpos, q, k)
+        if materialize:
+            return full
+        # A row of this bias depends on every key (CoPE, FoX, DAPE): blocks are cut from it.
+        return lambda q_idx, k_idx: _take_block(full, q_idx, k_idx)
 
     def bias_fn(q_idx, k_idx):
         return pe.bias(
@@ -332,7 +349,9 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head attention over configurable scorers, PEs and attention implementations.
 
     cfg is the model block: num_heads, num_kv_heads, head_dim, qk_norm, window (0 = none),
-    impl, dtype, pe {name}, scorer {name, ...} and cross_pe (cross attention only).
+    impl, dtype, pe {name}, scorer {name, ...}, cross_pe (cross attention only) and, when
+    present, logit_scale {name, ...} (a per-row, per-head factor on the logits, computed from
+    the number of keys each query row sees: attn.scoring) and normaliser {name, ...}.
     """
 
     def __init__(self, cfg: Mapping[str, Any], *, d_model: int, causal: bool, cross=False, rngs):
@@ -368,6 +387,10 @@ class MultiHeadAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = nnx.data(None)
         self.scorer = attn.scoring.build(cfg["scorer"], num_heads=H, head_dim=K, rngs=rngs)
+        self.logit_scale = attn.scoring.build_logit_scale(
+            cfg.get("logit_scale"), num_heads=H, rngs=rngs
+        )
+        self.normaliser = attn.scoring.build_normaliser(cfg.get("normaliser"))
 
     def _project(self, x_q, x_kv):
         q, k, v = self.q(x_q), self.k(x_kv), self.v(x_kv)
@@ -392,10 +415,25 @@ class MultiHeadAttention(nnx.Module):
             window=window,
             impl=impl,
             return_weights=return_weights,
+            **self._logit_options(q.shape[1], k.shape[1], mask, causal, window),
         )
         if return_weights:
             return self.o(res[0]), res[1]
         return self.o(res)
+
+    def _logit_options(self, L, S, mask, causal, window) -> dict:
+        """The scorer's logit_scale / normaliser arguments (none when both are defaults)."""
+        kw = {}
+        if self.logit_scale is not None:
+            n = (
+                attn.scoring.visible_keys(L, S, mask, causal, window)
+                if self.logit_scale.uses_length
+                else None
+            )
+            kw.update(logit_scale=self.logit_scale(n), scale_bias=self.logit_scale.scale_bias)
+        if self.normaliser is not None:
+            kw["normaliser"] = self.normaliser
+        return kw
 
     def _rotate(self, pe, q, k, qpos, kpos):
         return pe.rotate(q, k, qpos, kpos) if self.uses_pe else (q, k)
@@ -508,10 +546,37 @@ class Block(nnx.Module):
 
     Post-LN is `layer_norm(h + dropout(sublayer(h)))` (Deletang et al.); pre-LN is
     `h + dropout(sublayer(layer_norm(h)))` and needs a final norm in the model.
+
+    With `own_pe` the block builds its own encoding from cfg["pe"] (causal as the block) and
+    uses it instead of the `pe` it is called with: a per-layer pattern (model.layers) or an
+    encoding with per-layer parameters (`per_layer`, e.g. FoX's forget gate). The shared `pe`
+    still carries the model's embedding hook.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], *, d_model: int, causal: bool, cross=False, rngs):
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        *,
+        d_model: int,
+        causal: bool,
+        cross=False,
+        rngs,
+        own_pe: bool = False,
+    ):
         self.post = lookup(NORM_PLACEMENTS, cfg["norm"], "model.norm")
+        H = cfg["num_heads"]
+        self.layer_pe = (
+            attn.pe.build(
+                cfg["pe"],
+                d_model=d_model,
+                num_heads=H,
+                head_dim=cfg["head_dim"] or d_model // H,
+                causal=causal,
+                rngs=rngs,
+            )
+            if own_pe
+            else nnx.data(None)
+        )
         dtype = lookup(DTYPES, cfg["dtype"], "model.dtype")
         self.attn = MultiHeadAttention(cfg, d_model=d_model, causal=causal, rngs=rngs)
         self.attn_norm = LayerNorm(d_model, rngs=rngs)
@@ -546,6 +611,7 @@ class Block(nnx.Module):
     ):
         """mask_BL: the key padding mask; memory: dict(x=BSD, pos=BS, mask=BS) for cross
         attention."""
+        pe = pe if self.layer_pe is None else self.layer_pe
         x_BLD, weights = self._residual(
             x_BLD,
             self.attn_norm,
@@ -574,6 +640,7 @@ class Block(nnx.Module):
 
     def decode(self, x_BLD, cache, *, pos_BL, pe, valid_BL=None):
         """One decoding call on the layer cache {"self": ..., "cross": ...}."""
+        pe = pe if self.layer_pe is None else self.layer_pe
         new_cache = dict(cache)
 
         def self_attn(h_BLD):

@@ -27,6 +27,12 @@ Each class's docstring names its paper. Class attributes:
   the layer must use impl="reference" and pass the full position and q/k arrays.
 - shift_invariant: True when adding one constant to all query and key positions leaves
   the attention logits unchanged (the relative encodings); the contract tests check it.
+- per_layer: True when the paper gives every layer its own parameters (FoX's forget gate,
+  DAPE's MLP): the models then build one instance per layer (attn.layers.Block's `own_pe`)
+  instead of one shared by all layers. Such an encoding has no `embed` hook.
+
+Data-dependent biases read the layer's keys through `bias`'s k argument (the hooks get no
+other view of the layer input); FoX computes its forget gates from them.
 """
 
 from collections.abc import Mapping
@@ -90,6 +96,7 @@ class PositionalEncoding(nnx.Module):
     supports_cross_attention: ClassVar[bool] = True
     needs_materialized_logits: ClassVar[bool] = False
     shift_invariant: ClassVar[bool] = False
+    per_layer: ClassVar[bool] = False
 
     def __init__(
         self,
