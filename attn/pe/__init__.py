@@ -13,10 +13,14 @@ from flax import nnx
 from attn.pe.alibi import ALiBi
 from attn.pe.base import PositionalEncoding
 from attn.pe.cope import CoPE
+from attn.pe.dape import DAPE
 from attn.pe.fire import Fire
+from attn.pe.fox import FoX
 from attn.pe.kerple import Kerple
 from attn.pe.learned import Learned
 from attn.pe.none import NoPE
+from attn.pe.pope import PoPE
+from attn.pe.prope import PRoPE
 from attn.pe.rope import RoPE
 from attn.pe.shaw import Shaw
 from attn.pe.sinusoidal import Sinusoidal
@@ -36,6 +40,10 @@ REGISTRY: dict[str, type[PositionalEncoding]] = {
     "fire": Fire,
     "shaw": Shaw,
     "cope": CoPE,
+    "p_rope": PRoPE,
+    "pope": PoPE,
+    "fox": FoX,
+    "dape": DAPE,
 }
 
 
