@@ -9,6 +9,11 @@
 - `encoder_decoder`: Vaswani et al. 2017 with teacher forcing; cross attention carries no PE
   by default (T5).
 - `rnn_seq2seq`, `rnn_attention`: see attn/models_rnn.py. `ssm`: see attn/models_ssm.py.
+- `looped`: one weight-tied stack applied k(length) times with input injection (Fan et al.
+  2025); see attn/models_looped.py.
+
+Every Transformer takes a logit scale and a normaliser (attn.scoring), and a per-layer
+pattern of encodings and windows, `layers` (attn/models_pattern.py).
 
 Every model is built as `REGISTRY[name](cfg, *, vocab_size, rngs)` from one model config
 block (each class's `DEFAULTS` lists its fields) and is called as
@@ -32,7 +37,7 @@ import attn.attention
 import attn.pe
 import attn.positions
 import attn.scoring
-from attn import layers
+from attn import layers, models_pattern
 from attn.layers import Embedder, as_dict, resolve
 from attn.registry import ConfigError, lookup, require
 
@@ -59,11 +64,20 @@ TRANSFORMER_DEFAULTS = {
     "pe": {"name": "none"},
     "positions": {"name": "identity"},
     "scorer": {"name": "dot"},
+    "logit_scale": {"name": "none"},  # attn.scoring.LOGIT_SCALES: none, log_n, ssmax, temperature
+    "normaliser": {"name": "softmax"},  # attn.scoring.NORMALISERS: softmax, stick_breaking
+    "layers": "",  # per-layer encoding and window, e.g. "rope:window=128,none" (models_pattern)
 }
 
 
-def validate_transformer(cfg: Mapping[str, Any], *, max_length: int | None = None) -> None:
-    """ConfigError for impossible Transformer settings (cfg already resolved)."""
+def validate_transformer(
+    cfg: Mapping[str, Any], *, max_length: int | None = None, kinds: tuple[str, ...] = ()
+) -> None:
+    """ConfigError for impossible Transformer settings (cfg already resolved).
+
+    kinds: the model's attention kinds ("causal", "bidirectional", "cross"), for choices that
+    only some kinds can run (stick-breaking needs causal self-attention only); () skips that.
+    """
     H, D = cfg["num_heads"], cfg["d_model"]
     G = cfg["num_kv_heads"] or H
     require(H > 0 and G > 0, "model.num_heads", f"heads must be positive, got {H}, {G}")
@@ -112,6 +126,42 @@ def validate_transformer(cfg: Mapping[str, Any], *, max_length: int | None = Non
             num_heads=H,
             head_dim=K,
         )
+    _validate_frontier(cfg, scorer_cls, sampler, max_length, kinds, H, K)
+
+
+def _validate_frontier(cfg, scorer_cls, sampler, max_length, kinds, H, K) -> None:
+    """The logit scale, the normaliser and the per-layer pattern (attn.models_pattern)."""
+    scale = as_dict(cfg.get("logit_scale") or {"name": "none"})
+    lookup(attn.scoring.LOGIT_SCALES, scale["name"], "model.logit_scale.name").validate(
+        scale, num_heads=H
+    )
+    normaliser = attn.scoring.build_normaliser(cfg.get("normaliser"))
+    if normaliser is not None:
+        name = normaliser.NAME
+        if cfg["impl"] not in attn.scoring.MATERIALISED_IMPLS:
+            raise ConfigError(
+                f"model.impl: {cfg['impl']!r} cannot run normaliser {name!r}, which needs "
+                f"materialised logits; use one of {', '.join(attn.scoring.MATERIALISED_IMPLS)}"
+            )
+        require(
+            scorer_cls.NAME != "hard",
+            "model.normaliser.name",
+            f"{name!r} replaces the softmax, and scorer 'hard' is a top-k of the softmax; "
+            "use another scorer or normaliser 'softmax'",
+        )
+        if normaliser.requires_causal and kinds and set(kinds) != {"causal"}:
+            raise ConfigError(
+                f"model.normaliser.name: {name!r} breaks the stick from the query back over "
+                f"earlier keys, so it needs causal self-attention only; this model has "
+                f"{', '.join(kinds)} attention (use a decoder)"
+            )
+    models_pattern.validate(
+        cfg,
+        max_eval_position=None if max_length is None else sampler.max_position(max_length),
+        num_heads=H,
+        head_dim=K,
+        materialised_ok=cfg["impl"] != "chunked",
+    )
 
 
 class Stack(nnx.Module):
@@ -137,9 +187,16 @@ class Stack(nnx.Module):
 
     def __init__(self, cfg, *, causal: bool, cross: bool, rngs):
         n = cfg["num_layers"]
-        make = lambda r: layers.Block(
-            cfg, d_model=cfg["d_model"], causal=causal, cross=cross, rngs=r
+        own_pe = models_pattern.owns_pe(cfg)  # per-layer pattern or per-layer encoding
+        block = lambda r, i: layers.Block(
+            models_pattern.layer_config(cfg, i),
+            d_model=cfg["d_model"],
+            causal=causal,
+            cross=cross,
+            rngs=r,
+            own_pe=own_pe,
         )
+        make = lambda r: block(r, 0)
         self.num_layers = n
         self.scanned = bool(cfg["scan_layers"])
         self.remat = cfg.get("remat", "none")
@@ -152,7 +209,7 @@ class Stack(nnx.Module):
             )
             self.blocks = stacked(rngs)
         else:
-            self.blocks = nnx.List([make(rngs) for _ in range(n)])
+            self.blocks = nnx.List([block(rngs, i) for i in range(n)])
         self.final_norm = (
             nnx.data(None)
             if layers.NORM_PLACEMENTS[cfg["norm"]]
@@ -211,20 +268,29 @@ class TransformerBase(nnx.Module):
 
     DEFAULTS = TRANSFORMER_DEFAULTS
     CAUSAL = False
-    validate_config = staticmethod(validate_transformer)
 
     @classmethod
     def layout(cls, cfg=None) -> str:
         return cls.FORMAT
 
+    @classmethod
+    def attention_kinds(cls, cfg) -> tuple[str, ...]:
+        """Which attentions the model runs: "causal", "bidirectional" and/or "cross"."""
+        return ("causal",) if cls.CAUSAL else ("bidirectional",)
+
+    @classmethod
+    def validate_config(cls, cfg, *, max_length: int | None = None) -> None:
+        validate_transformer(cfg, max_length=max_length, kinds=cls.attention_kinds(cfg))
+
     def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
         cfg = resolve(type(self), cfg)
-        validate_transformer(cfg)
+        type(self).validate_config(cfg)
         self.cfg = cfg
         self.embedder = Embedder(cfg, vocab_size=vocab_size, rngs=rngs)
         H = cfg["num_heads"]
+        # Per-layer encodings live in the blocks; the shared one brings the embedding hook.
         self.pe = attn.pe.build(
-            cfg["pe"],
+            models_pattern.shared_pe_config(cfg),
             d_model=cfg["d_model"],
             num_heads=H,
             head_dim=cfg["head_dim"] or cfg["d_model"] // H,
@@ -346,6 +412,10 @@ class EncoderDecoder(TransformerBase):
     CAUSAL = True
     DEFAULTS = {**TRANSFORMER_DEFAULTS, "norm": "pre", "cross_pe": False}
 
+    @classmethod
+    def attention_kinds(cls, cfg) -> tuple[str, ...]:
+        return ("bidirectional", "causal", "cross")
+
     def __init__(self, cfg, *, vocab_size, rngs):
         super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
         self.encoder = Stack(self.cfg, causal=False, cross=False, rngs=rngs)
@@ -405,6 +475,7 @@ class EncoderDecoder(TransformerBase):
         return self._decode(self.decoder, tokens_BL, cache, pos_BL=pos_BL, valid_BL=valid_BL)
 
 
+from attn.models_looped import Looped  # noqa: E402
 from attn.models_rnn import RNNAttention, RNNSeq2Seq  # noqa: E402
 from attn.models_ssm import SSM  # noqa: E402
 
@@ -415,6 +486,7 @@ REGISTRY = {
     "rnn_seq2seq": RNNSeq2Seq,
     "rnn_attention": RNNAttention,
     "ssm": SSM,
+    "looped": Looped,
 }
 
 

@@ -15,6 +15,12 @@ scorer / task blocks are `{"name": ..., **DEFAULTS}` of that registry entry, so 
 holds the fields its entry understands and the locked config rejects typos. `smoke=true` gives
 tiny sizes and a few steps (tests).
 
+Attention choices of attn.scoring and attn/models_pattern.py are args too: `logit_scale`
+(none, log_n, ssmax, temperature), `normaliser` (softmax, stick_breaking) and `layers`, a
+per-layer pattern of encodings and windows whose entries are separated by '+' inside the arg
+(`configs/algorithmic.py:layers=rope:window=8+none`; `--config.model.layers=rope:window=8,none`
+takes commas).
+
 Defaults follow Deletang et al. 2023 (arXiv 2207.02098) where a paper protocol applies:
 Adam, gradient clipping 1.0, batch 128, encoder of 5 layers x d_model 64 x 8 heads, MLP 4x ReLU,
 post-LN, dropout 0.1, embeddings scaled by sqrt(d), init std 0.02 (size=s).
@@ -42,6 +48,10 @@ ARGS = {
     # "" = the config file's own choice (adam, constant unless the file says otherwise)
     "optimizer": "",
     "schedule": "",
+    # "" = the model's default (no logit scale, softmax, model.pe in every layer)
+    "logit_scale": "",
+    "normaliser": "",
+    "layers": "",
 }
 SMOKE_ARGS = "smoke=true"
 
@@ -56,7 +66,16 @@ SIZES = {
 SMOKE_MODEL = {"num_layers": 1, "d_model": 16, "num_heads": 2, "num_kv_heads": 2, "mlp_dim": 32}
 
 
-def _model_block(model: str, size: str, pe: str, sampler: str, scorer: str) -> dict:
+def _model_block(
+    model: str,
+    size: str,
+    pe: str,
+    sampler: str,
+    scorer: str,
+    logit_scale: str = "",
+    normaliser: str = "",
+    layers_spec: str = "",
+) -> dict:
     """The model registry's block for `model` with the size preset and the chosen sub-blocks."""
     if size not in SIZES:
         raise ConfigError(f"config arg size: {size!r}; sizes: {', '.join(SIZES)}")
@@ -71,16 +90,22 @@ def _model_block(model: str, size: str, pe: str, sampler: str, scorer: str) -> d
     }
     block.update({k: v for k, v in preset.items() if k in block})
     chosen = {
-        "pe": (pe_lib, pe),
-        "positions": (positions_lib, sampler),
-        "scorer": (scoring_lib, scorer),
+        "pe": (pe_lib.REGISTRY, pe),
+        "positions": (positions_lib.REGISTRY, sampler),
+        "scorer": (scoring_lib.REGISTRY, scorer),
+        "logit_scale": (scoring_lib.LOGIT_SCALES, logit_scale),
+        "normaliser": (scoring_lib.NORMALISERS, normaliser),
     }
-    for key, (module, name) in chosen.items():
+    for key, (registry, name) in chosen.items():
         if not name:
             continue  # the model's own default
         if key not in block:
             raise ConfigError(f"config arg {key}: model {model!r} has no {key} block")
-        block[key] = config_utils.block(module.REGISTRY, name, f"model.{key}").to_dict()
+        block[key] = config_utils.block(registry, name, f"model.{key}").to_dict()
+    if layers_spec:
+        if "layers" not in block:
+            raise ConfigError(f"config arg layers: model {model!r} has no per-layer pattern")
+        block["layers"] = layers_spec
     return block
 
 
@@ -98,16 +123,23 @@ def build(
     schedule: str = "",
     batch_size: int = 128,
     steps: int = 10_000,
+    logit_scale: str = "",
+    normaliser: str = "",
+    layers: str = "",
     **model_overrides,
 ) -> ml_collections.ConfigDict:
     """The full config for one run; the family configs pass their own defaults."""
     optimizer, schedule = optimizer or "adam", schedule or "constant"
-    model_block = _model_block(model, size, pe, sampler, scorer)
+    model_block = _model_block(
+        model, size, pe, sampler, scorer, logit_scale, normaliser, layers_spec=layers
+    )
     model_block.update(model_overrides)
     variant = "/".join(
         [model_block.get("pe", {}).get("name", "-")]
         + ([sampler] if sampler not in ("", "identity") else [])
         + ([scorer] if scorer else [])
+        + [x for x in (logit_scale, normaliser) if x]
+        + ([f"layers={layers}"] if layers else [])
     )
     config = ml_collections.ConfigDict(
         {
