@@ -37,6 +37,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -54,12 +55,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.workdir import DONE, atomic_write_json
+from attn.registry import ConfigError
+from experiments.workdir import DONE, RunError, StopSignals, atomic_write_json, workdir_lock
 
 DRIVER = (sys.executable, "-m", "experiments.main", "--mode", "train")
 SEEDS_DRIVER = (sys.executable, "-m", "experiments.seeds")
 STATUS_FILE = "sweep_status.json"
 LOG_FILE = "sweep.log"
+STOP_GRACE_S = 120  # how long a stopped point may take to save its checkpoint
 # Characters kept in a point's directory name; anything else becomes "_".
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
 
@@ -163,10 +166,44 @@ class Point:
     config_spec: str  # '<file>:<arg>' with the structural choices merged in
     flags: tuple[str, ...]  # '--config.<key>=<value>' for config fields (seed included)
     seed: Any = None
+    changed: bool = False  # resumable fields (e.g. more steps) differ from its config.json
 
     @property
     def done(self) -> bool:
-        return (self.workdir / DONE).exists()
+        return (self.workdir / DONE).exists() and not self.changed
+
+
+def point_config(module, point: Point):
+    """The config the driver will run for `point` (the file's get_config of the point's arg,
+    then its --config.k=v flags, as experiments.main applies them)."""
+    from experiments import config_utils
+
+    arg = split_config_spec(point.config_spec)[1]
+    config = _call_with_arg(module.get_config, arg)
+    overrides = [f.removeprefix("--config.") for f in point.flags]
+    config_utils.apply_overrides(config, overrides)
+    return config_utils.reconcile_blocks(config, point.flags)
+
+
+def check_drift(module, points: list[Point]) -> list[Point]:
+    """Points whose workdir holds a run: the same config, or only resumable fields changed
+    (those points are marked `changed` and run again); a SweepError naming the points whose
+    workdir holds another config (changed overrides or config file)."""
+    from experiments.validate import config_changes, describe_changes
+
+    out, differ = [], []
+    for p in points:
+        resumable, fixed = config_changes(point_config(module, p), str(p.workdir))
+        if fixed:
+            differ.append(f"{p.name}: {describe_changes(fixed, limit=2)}")
+        out.append(dataclasses.replace(p, changed=bool(resumable)))
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise SweepError(
+            f"{len(differ)} points differ from the runs in their workdirs, e.g. {differ[0]}{more};"
+            " re-run with the overrides they were made with, or use a new --workdir"
+        )
+    return out
 
 
 def build_points(
@@ -328,12 +365,14 @@ class Sweep:
         self.status["updated"] = _now()
         atomic_write_json(self.workdir / STATUS_FILE, self.status)
 
-    def run(self, jobs: Sequence[Job], env: Mapping[str, str], timeout: float | None) -> None:
+    def run(self, jobs: Sequence[Job], env: Mapping[str, str], timeout: float | None) -> int | None:
+        """Run the jobs; the signal number if SIGTERM / SIGINT stopped the sweep (every running
+        point got the signal, saved its checkpoint and was recorded as "stopped")."""
         queue = list(jobs)
         running: dict[subprocess.Popen, tuple[Job, float, Any]] = {}
         self._set([])
-        try:
-            while queue or running:
+        with StopSignals() as stop:
+            while (queue or running) and stop.received is None:
                 while queue and len(running) < self.parallel:
                     job = queue.pop(0)
                     job.log.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +384,7 @@ class Sweep:
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         env={**env, "ATTN_SWEEP_POINT": job.points[0].name},
-                        start_new_session=True,  # our Ctrl-C reaches children only through us
+                        start_new_session=True,  # signals reach points only through the sweep
                     )
                     running[proc] = (job, time.monotonic(), log)
                     self._set(job.points, status="running", command=job.argv, log=str(job.log))
@@ -364,17 +403,47 @@ class Sweep:
                     del running[proc]
                     self._finish(job, proc.returncode, elapsed)
                 time.sleep(0.2)
-        except KeyboardInterrupt:
-            for proc, (job, _, log) in running.items():
-                os.killpg(proc.pid, signal.SIGTERM)
+            if stop.received is None:
+                return None
+            signum = int(getattr(signal, stop.received))
+            self._stop(running, signum)
+            return signum
+
+    def _stop(self, running: dict, signum: int) -> None:
+        """Forward `signum` to every running point, let each save its checkpoint, record it."""
+        print(f"[sweep] {signal.Signals(signum).name}: stopping {len(running)} running points")
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signum)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc, (job, start, log) in running.items():
+            try:
+                proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                log.close()
-                self._set(job.points, status="interrupted")
-            raise
+                log.write(f"\n=== sweep: killed {STOP_GRACE_S} s after {signum}\n")
+            log.close()
+            stopped = proc.returncode == 128 + signum or proc.returncode == -signum
+            if stopped or proc.returncode != 0:
+                status = "stopped" if stopped else "failed"
+                self._set(
+                    job.points,
+                    status=status,
+                    returncode=proc.returncode,
+                    seconds=round(time.monotonic() - start, 1),
+                    error=None if stopped else _tail(job.log),
+                )
+            else:
+                self._finish(job, 0, time.monotonic() - start)
+        for name in self.names:
+            if self.status["points"][name]["status"] == "pending":
+                self.status["points"][name]["status"] = "not started"
+        self._set([])
 
     def _finish(self, job: Job, returncode: int, elapsed: float) -> None:
         for p in job.points:
-            if returncode == 0 and p.done:
+            if returncode == 0 and (p.workdir / DONE).exists():
                 fields = {"status": "done", "returncode": 0, "error": None}
             else:
                 why = "exited 0 without writing DONE" if returncode == 0 else _tail(job.log)
@@ -424,6 +493,8 @@ def run_sweep(
     points, module = build_points(config_spec, workdir, extra_flags, only)
     if not points:
         raise SweepError(f"--only: {only!r} matches no point of the grid")
+    if driver is None:  # the real driver: its points must match the runs in their workdirs
+        points = check_drift(module, points)
     if vmap_seeds is None:
         wanted = getattr(module, "sweep_vmap_seeds", False)
         if callable(wanted):
@@ -441,8 +512,14 @@ def run_sweep(
             print(" ".join(job.argv))
         return {}
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(Path(workdir), points, config_spec=config_spec, parallel=parallel)
-    sweep.run(jobs, child_env(parallel), timeout)
+    with workdir_lock(workdir):
+        sweep = Sweep(Path(workdir), points, config_spec=config_spec, parallel=parallel)
+        stopped = sweep.run(jobs, child_env(parallel), timeout)
+    if stopped:
+        sweep.status["stopped"] = signal.Signals(stopped).name
+        sweep._set([])
+        print("[sweep] stopped; re-run the same command to resume the points that are not DONE")
+        return sweep.status
     failed = sweep.failures()
     sweep.status["failed"] = sorted(failed)
     sweep._set([])
@@ -491,12 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
             dry_run=args.dry_run,
         )
-    except SweepError as e:
-        print(f"sweep: {e}", file=sys.stderr)
+    except (SweepError, ConfigError) as e:
+        print(f"sweep: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sweep: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except RunError as e:
+        print(f"sweep: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if status.get("stopped"):
+        return 128 + int(getattr(signal, status["stopped"]))
     return 1 if status.get("failed") else 0
 
 

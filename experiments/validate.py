@@ -88,26 +88,36 @@ def read_config_json(path: str) -> dict:
     return data
 
 
-def run_identity(config, workdir: str) -> dict:
-    """{field: (old, new)} of resumable fields that differ from workdir/config.json; a
-    ConfigError naming the other changed fields (before anything is written)."""
+def config_changes(config, workdir: str) -> tuple[dict, dict]:
+    """({field: (old, new)} of resumable fields, the same of every other field) between
+    `config` and workdir/config.json (both empty when there is no config.json)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return {}
+        return {}, {}
     old = _flatten(read_config_json(path))
     new = _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
     changed = {
         k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
     }
     fixed = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE)}
+    return {k: v for k, v in changed.items() if k not in fixed}, fixed
+
+
+def describe_changes(changes: dict, limit: int = 4) -> str:
+    shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:limit])
+    return shown + (f" (and {len(changes) - limit} more)" if len(changes) > limit else "")
+
+
+def run_identity(config, workdir: str) -> dict:
+    """{field: (old, new)} of resumable fields that differ from workdir/config.json; a
+    ConfigError naming the other changed fields (before anything is written)."""
+    resumable, fixed = config_changes(config, workdir)
     if fixed:
-        shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(fixed.items())[:4])
-        more = f" (and {len(fixed) - 4} more)" if len(fixed) > 4 else ""
         raise ConfigError(
-            f"--workdir: {workdir} holds a run of another config: {shown}{more}; use a new "
-            "workdir, or the run's own config (config.json)"
+            f"--workdir: {workdir} holds a run of another config: {describe_changes(fixed)}; "
+            "use a new workdir, or the run's own config (config.json)"
         )
-    return changed
+    return resumable
 
 
 def validate(config, *, workdir: str | None = None, eval_lengths=None) -> None:
