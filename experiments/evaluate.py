@@ -40,6 +40,7 @@ from flax import nnx
 import attn.models
 from attn.registry import ConfigError
 from experiments import config_utils, input_pipeline, mesh, metrics, state, tasks
+from experiments.tasks.layouts import padded_length
 from experiments.validate import resolve_eval_lengths, validate
 from experiments.workdir import atomic_write_json, rewind_jsonl, workdir_lock
 
@@ -85,29 +86,52 @@ class Evaluator:
         self._compiled: dict = {}
         self._rows_multiple = device_mesh.shape["data"] * jax.process_count()
 
+    def _relative_cost(self, T: int, params: int) -> float:
+        """Forward FLOPs per sequence of padded length T (PaLM's count: 2 per parameter and
+        token plus 4 x layers x heads x head dim x T per token for attention)."""
+        m = self.config.model
+        attention = 0
+        if "num_layers" in m and "num_heads" in m:
+            head_dim = m.get("head_dim") or m.d_model // m.num_heads
+            attention = 4 * m.num_layers * m.num_heads * head_dim * T
+        return T * (2 * params + attention)
+
+    def _batches(self, n: int):
+        return input_pipeline.eval_batches(
+            self.task,
+            layout=self.layout,
+            length=n,
+            batch_size=self.config.eval.batch_size,
+            num_examples=self.config.eval.num_examples,
+            data_dir=self.config.eval.data_dir or None,
+        )
+
     def __call__(self, model, *, step: int, lengths, log_row=None) -> dict:
         """{length: metrics} of `model` (a module or its nnx.State); one "eval" row per length
-        through log_row."""
+        through log_row. After the first batch it logs what the whole grid will take."""
         model_state = model if isinstance(model, nnx.State) else nnx.split(model)[1]
-        out = {}
+        datasets = {n: self._batches(n) for n in lengths}
+        params = sum(x.size for x in jax.tree.leaves(nnx.state(model_state, nnx.Param)))
+        plan = {
+            n: (len(ds), self._relative_cost(padded_length(self.task, self.layout, n), params))
+            for n, ds in datasets.items()
+        }
+        out, estimated = {}, False
         for n in lengths:
             t0 = time.perf_counter()
             compile_s, total = 0.0, None
-            for batch in input_pipeline.eval_batches(
-                self.task,
-                layout=self.layout,
-                length=n,
-                batch_size=self.config.eval.batch_size,
-                num_examples=self.config.eval.num_examples,
-                data_dir=self.config.eval.data_dir or None,
-            ):
+            for batch in datasets[n]:
                 g = mesh.shard_batch(_pad_rows(batch, self._rows_multiple), self.mesh, local=False)
                 key = tuple((k, v.shape) for k, v in sorted(g.items()))
                 if key not in self._compiled:
                     c0 = time.perf_counter()
                     self._compiled[key] = self._fn.lower(model_state, g).compile()
                     compile_s += time.perf_counter() - c0
-                part = self._compiled[key](model_state, g)
+                r0 = time.perf_counter()
+                part = jax.block_until_ready(self._compiled[key](model_state, g))
+                if not estimated:
+                    estimated = True
+                    self._log_estimate(plan, n, time.perf_counter() - r0, compile_s)
                 total = part if total is None else jax.tree.map(jnp.add, total, part)
             m = metrics.means(jax.tree.map(float, jax.device_get(total)), self.task)
             m["compile_s"] = compile_s
@@ -117,15 +141,43 @@ class Evaluator:
             if log_row is not None:
                 log_row({"step": step, "split": "eval", "length": n, "ood": ood, **m})
             log.info(
-                "eval step %d length %d: loss %.4f token_acc %.4f seq_acc %.4f (compile %.2fs)",
+                "eval step %d length %d: loss %.4f token_acc %.4f seq_acc %.4f (%.1fs, compile "
+                "%.2fs)",
                 step,
                 n,
                 m["loss"],
                 m["token_acc"],
                 m["seq_acc"],
+                m["eval_s"],
                 compile_s,
             )
         return out
+
+    def _log_estimate(self, plan: dict, first: int, seconds: float, compile_s: float) -> None:
+        """One line: the grid's batches and the time they should take, scaled from the first
+        batch by their FLOPs (compilation comes on top, about once per length)."""
+        per_cost = seconds / max(plan[first][1], 1.0)
+        total = sum(count * cost * per_cost for count, cost in plan.values())
+        batches = sum(count for count, _ in plan.values())
+        log.info(
+            "evaluation at lengths %s: %d batches of <= %d, estimated %s from %.2fs for a "
+            "batch at length %d (plus about %.1fs of compilation per length)",
+            ",".join(map(str, plan)),
+            batches,
+            self.config.eval.batch_size,
+            _duration(total),
+            seconds,
+            first,
+            compile_s,
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 FINAL = "final"  # the training run's own evaluation: results.json

@@ -4,6 +4,7 @@ recorded, a run cannot be shortened below its checkpoint, and a finished run re-
 does nothing but say where its results are."""
 
 import json
+import logging
 
 import pytest
 
@@ -83,3 +84,14 @@ def test_unreadable_config_json_is_one_line_naming_the_file(tmp_path):
     (workdir / "config.json").write_text('{"model": ')
     with pytest.raises(ConfigError, match=rf"^{workdir / 'config.json'}: not a readable config"):
         train.run(smoke(), str(workdir))
+
+
+def test_evaluation_time_is_estimated_before_the_grid_runs(finished, caplog):
+    from experiments import evaluate
+
+    caplog.set_level(logging.INFO, logger="attn.evaluate")
+    evaluate.run(str(finished), lengths=[4, 8], name="estimate")
+    lines = [r.getMessage() for r in caplog.records if r.name == "attn.evaluate"]
+    first = next(i for i, line in enumerate(lines) if line.startswith("evaluation at lengths"))
+    assert lines[first].startswith("evaluation at lengths 4,8: 2 batches of <= 8, estimated ")
+    assert all(not line.startswith("eval step") for line in lines[:first])
