@@ -26,7 +26,7 @@ def test_environment_has_no_tensorflow():
     assert importlib.util.find_spec("tensorflow") is None
 
 
-def test_task_eval_set_builds_and_reads_back(tmp_path):
+def test_task_eval_set_builds_and_reads_back(tmp_path, capsys):
     task = tasks.build({"name": "binary_addition"})
     batches = list(
         ip.eval_batches(
@@ -34,6 +34,7 @@ def test_task_eval_set_builds_and_reads_back(tmp_path):
         )
     )
     assert [b["inputs"].shape[0] for b in batches] == [4, 4, 2]
+    assert capsys.readouterr().out == ""  # no "Downloading and preparing dataset ..." lines
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     for i in range(10):
         ex = task.example(ip.EVAL_SEED, i, 9)

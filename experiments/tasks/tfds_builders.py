@@ -48,6 +48,8 @@ class _QuietCustomConfig(logging.Filter):
 
 logging.getLogger("absl").addFilter(_QuietCustomConfig())
 
+log = logging.getLogger("attn.data")
+
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "data" / "tfds"
 TEXT_SPLITS = (("train", 90), ("validation", 5), ("test", 5))
 
@@ -75,6 +77,14 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+    # prepared" to stdout; nothing is downloaded here, so one log line says what is built.
+    def _log_download_bytes(self) -> None:
+        log.info("building %s locally in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------- task evaluation sets
