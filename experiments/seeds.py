@@ -21,6 +21,13 @@ whose loss turns non-finite is reported and left without DONE; the others finish
     python -m experiments.seeds --config configs/quickstart.py:pe=alibi \
         --workdir 'runs/q/pe=alibi,seed={seed}' --seeds 0,1,2,3 [--config.train.steps=500]
 
+Placement: with several devices (and a config without model or fsdp axes), the seed axis is
+split over a 1-D "seeds" mesh of the largest number of devices that divides S, so each
+device trains whole seeds and nothing is communicated between them (`seed_placement`); one
+seed's state is moved back onto the config's mesh for its checkpoint and evaluation. With one
+device, or model/fsdp sharding, the stacked state is replicated and each seed's batch split
+over the batch axes as before.
+
 experiments.sweep runs groups of seeds this way when the config file sets
 `sweep_vmap_seeds` or `--vmap_seeds` is given; `./launch.sh bench --workload seeds` measures
 what it gains (README "Performance").
@@ -36,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from attn.registry import ConfigError, require
@@ -82,6 +90,29 @@ def stack_batches(batches: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
+def seed_placement(config, num_seeds: int, device_mesh):
+    """(place_state(stacked) -> stacked, place_batch(host batch) -> device batch) for S seeds.
+
+    The seed axis splits over d devices, d the largest divisor of S up to the device count,
+    when d > 1, the run is one process and the config's mesh is data parallel only; otherwise
+    the state stays as stacked and batches split over the config mesh's batch axes.
+    """
+    m = config.train.mesh
+    pure_data = m.model == 1 and m.get("fsdp", 1) == 1 and jax.process_count() == 1
+    d = max(k for k in range(1, min(num_seeds, jax.device_count()) + 1) if num_seeds % k == 0)
+    if not pure_data or d == 1:
+        spec = (None, mesh_lib.batch_spec(device_mesh))
+        return (lambda state: state), (lambda b: mesh_lib.shard_batch(b, device_mesh, spec=spec))
+    seeds_mesh = jax.make_mesh(
+        (d,), ("seeds",), axis_types=(AxisType.Auto,), devices=jax.devices()[:d]
+    )
+    log.info("%d seeds split over %d devices", num_seeds, d)
+    on_seeds = NamedSharding(seeds_mesh, PartitionSpec("seeds"))
+    return (lambda state: jax.device_put(state, on_seeds)), (
+        lambda b: mesh_lib.shard_batch(b, seeds_mesh, spec=("seeds",))
+    )
+
+
 def make_vmapped_step(config, graphdef, tx):
     """jit(vmap(driver step)): (stacked state, stacked batch) -> (state, metrics per seed)."""
     step = train.make_train_step(config, graphdef, tx, donate=False)
@@ -102,13 +133,14 @@ def init_states(configs, device_mesh, tx):
 class _SeedHooks(train.LoopHooks):
     """The driver's hooks, once per seed: one row, one checkpoint, one evaluation each."""
 
-    def __init__(self, files: list[train.RunFiles], graphdef, evaluator, signals):
+    def __init__(self, files: list[train.RunFiles], graphdef, evaluator, signals, seed_state):
         self.files, self.graphdef, self.evaluator, self.signals = (
             files,
             graphdef,
             evaluator,
             signals,
         )
+        self.seed_state = seed_state  # (stacked state, i) -> seed i's state on the config mesh
         self.failed: dict[int, str] = {}
 
     def metrics(self, step, m, timing):
@@ -132,7 +164,7 @@ class _SeedHooks(train.LoopHooks):
 
     def save(self, step, state, *, force=False):
         for i, f in enumerate(self.files):
-            f.save(step, unstack(state, i), force=force)
+            f.save(step, self.seed_state(state, i), force=force)
         if force:
             for f in self.files:
                 f.ckpt.wait()
@@ -140,7 +172,7 @@ class _SeedHooks(train.LoopHooks):
     def evaluate(self, step, state):
         for i, f in enumerate(self.files):
             self.evaluator(
-                state_lib.merge_model(self.graphdef, unstack(state, i)),
+                state_lib.merge_model(self.graphdef, self.seed_state(state, i)),
                 step=step,
                 lengths=resolve_eval_lengths(f.config, during_training=True),
                 log_row=lambda row, f=f: f.writer.row({**row, "eval": evaluate.PERIODIC}),
@@ -194,18 +226,24 @@ def run(config, workdirs: list[str], seeds: list[int], *, eval_lengths=None) -> 
             log.warning("seeds have checkpoints at different steps %s: starting over", steps)
         for f in files:
             f.begin(start)
-        state = stack(states)
+        shardings = jax.tree.map(lambda x: x.sharding, states[0])
+        place_state, place_batch = seed_placement(config, len(seeds), device_mesh)
+        state = place_state(stack(states))
         del states, restored
+
+        def seed_state(state, i):
+            return jax.device_put(unstack(state, i), shardings)
+
         evaluator = evaluate.Evaluator(config, device_mesh)
         with StopSignals() as signals:
-            hooks = _SeedHooks(files, graphdef, evaluator, signals)
+            hooks = _SeedHooks(files, graphdef, evaluator, signals, seed_state)
             state, stopped = train.train_loop(
                 make_vmapped_step(config, graphdef, tx),
                 state,
                 _stacked_batches(configs, start),
                 start=start,
                 total=config.train.steps,
-                place=lambda b: mesh_lib.shard_batch(b, device_mesh, spec=(None, "data")),
+                place=place_batch,
                 hooks=hooks,
                 log_every=config.train.log_every,
                 eval_every=config.train.eval_every,
@@ -216,7 +254,7 @@ def run(config, workdirs: list[str], seeds: list[int], *, eval_lengths=None) -> 
         return [
             {"failed": hooks.failed[i]}
             if i in hooks.failed
-            else f.finish(unstack(state, i), graphdef, evaluator, eval_lengths)
+            else f.finish(seed_state(state, i), graphdef, evaluator, eval_lengths)
             for i, f in enumerate(files)
         ]
 

@@ -271,3 +271,54 @@ def test_profile_steps_write_a_trace_and_rows_carry_mfu(tmp_path):
     assert rows and all(0 < r["mfu"] < 1 for r in rows if r["step"] > 1), rows
     stats = profile.StepStats(formal.get_config("smoke=true"), str(workdir), vocab=10)
     assert stats.peak_flops is None  # a CPU and no train.peak_tflops: no MFU
+
+
+# ------------------------------------------------------------------ packing small runs
+
+
+def _seed_states(n):
+    from experiments import mesh as mesh_lib
+    from experiments import optim, seeds
+
+    config = formal.get_config("smoke=true")
+    configs = [seeds.seed_config(config, s) for s in range(n)]
+    device_mesh = mesh_lib.make_mesh(config)
+    tx = optim.make_optimizer(config)
+    graphdef, states = seeds.init_states(configs, device_mesh, tx)
+    return config, configs, device_mesh, tx, graphdef, states
+
+
+def test_vmapped_seeds_split_the_seed_axis_over_devices():
+    """S seeds on 8 devices: the seed axis splits over the largest divisor of S (each device
+    holds whole seeds, spec P("seeds")); model sharding keeps the replicated layout."""
+    from experiments import mesh as mesh_lib
+    from experiments import seeds
+
+    config, _, device_mesh, _, _, states = _seed_states(1)
+    for n, devices in ((2, 2), (3, 3), (4, 4), (16, 8)):
+        place_state, _ = seeds.seed_placement(config, n, device_mesh)
+        stacked = place_state(seeds.stack(states * n))
+        leaf = jax.tree.leaves(stacked["params"])[0]
+        assert leaf.sharding.spec == jax.sharding.PartitionSpec("seeds")
+        assert len(leaf.sharding.device_set) == devices, n
+    config.train.mesh.model = 2
+    keep, _ = seeds.seed_placement(config, 2, mesh_lib.make_mesh(config))
+    stacked = seeds.stack(states * 2)
+    assert keep(stacked) is stacked
+
+
+@pytest.mark.slow  # compiles a vmapped and a plain step: ~25 s on 2 cores
+def test_seed_split_program_gives_each_seeds_own_step():
+    from experiments import mesh as mesh_lib
+    from experiments import seeds
+
+    config, configs, device_mesh, tx, graphdef, states = _seed_states(2)
+    host = [next(train.host_batches(c, seed=c.seed, start=0)) for c in configs]
+    place_state, place_batch = seeds.seed_placement(config, 2, device_mesh)
+    _, split = seeds.make_vmapped_step(config, graphdef, tx)(
+        place_state(seeds.stack(states)), place_batch(seeds.stack_batches(host))
+    )
+    single = train.make_train_step(config, graphdef, tx, donate=False)
+    for i in range(2):
+        _, alone = single(states[i], mesh_lib.shard_batch(host[i], device_mesh))
+        np.testing.assert_allclose(split["loss"][i], alone["loss"], rtol=1e-5)
