@@ -158,6 +158,8 @@ def build(
                 ).to_dict(),
                 "grad_clip": 1.0,
                 "skip_nonfinite": False,
+                # with skip_nonfinite: stop once more updates than this were skipped (-1: never)
+                "max_skipped": 100,
                 "log_every": 100,
                 "eval_every": 1000,
                 "eval_lengths": "auto",

@@ -206,6 +206,7 @@ def evaluate_and_write(
     writer=None,
     name: str = FINAL,
     overrides: dict | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """The evaluation at the eval grid, then its results file (process 0): results.json for
     the final evaluation, evals/<name>.json for a named one. Rows go to `writer` (a
@@ -233,6 +234,7 @@ def evaluate_and_write(
         ),
         "random_positions": bool(config.eval.random_positions),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
     }
     if jax.process_index() == 0:
         path = results_path(workdir, name)

@@ -321,6 +321,7 @@ class RunFiles:
         self.ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every)
         self.last_saved = None
         self.writer = None
+        self.skipped = 0  # updates skipped so far (train.skip_nonfinite)
 
     def restore(self, target):
         """(state, step) of the newest good checkpoint, or (None, None)."""
@@ -362,7 +363,15 @@ class RunFiles:
             self.last_saved = step
 
     def check_finite(self, step: int, m: dict) -> None:
-        if bool(m["finite"]) or self.config.train.skip_nonfinite:
+        t = self.config.train
+        self.skipped = int(m["skipped"])
+        if t.skip_nonfinite and 0 <= t.max_skipped < self.skipped:
+            raise RunError(
+                f"train.max_skipped: {self.skipped} updates skipped by step {step} (non-finite "
+                f"loss or gradients), over the cap of {t.max_skipped}; the run diverged: lower "
+                "the learning rate, or raise --config.train.max_skipped"
+            )
+        if bool(m["finite"]) or t.skip_nonfinite:
             return
         where = (
             f"step {self.last_saved} in {self.workdir}/checkpoints"
@@ -388,7 +397,13 @@ class RunFiles:
             evaluator=evaluator,
             lengths=lengths,
             writer=self.writer,
+            extra={"skipped_updates": self.skipped},
         )
+        if self.skipped:
+            summary = f"{self.skipped} of {step} updates skipped (non-finite loss or gradients)"
+            log.warning("%s: %s", self.workdir, summary)
+            if self.main:
+                print(f"{self.workdir}: {summary}", flush=True)
         if self.main:
             write_done(self.workdir)
         return results

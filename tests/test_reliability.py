@@ -469,6 +469,17 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
     assert not (workdir / "DONE").exists()
 
 
+def test_nonfinite_skip_mode_stops_past_the_cap_on_skipped_updates(tmp_path):
+    workdir = tmp_path / "run"
+    code, err = run(
+        workdir, *NAN_FLAGS, "--config.train.skip_nonfinite=true", "--config.train.max_skipped=1"
+    )
+    assert code == 1, err[-3000:]
+    line = assert_one_error_line(err, "train.max_skipped: 2 updates skipped by step", "cap of 1")
+    assert "the run diverged" in line
+    assert not (workdir / "DONE").exists()
+
+
 def test_nonfinite_skip_mode_counts_skips_and_finishes(tmp_path):
     workdir = tmp_path / "run"
     code, err = run(workdir, *NAN_FLAGS, "--config.train.skip_nonfinite=true")
@@ -477,7 +488,11 @@ def test_nonfinite_skip_mode_counts_skips_and_finishes(tmp_path):
     assert rows and rows[-1]["step"] == 6
     skipped = [int(r["skipped"]) for r in rows]
     assert skipped == sorted(skipped) and skipped[-1] > 0, skipped
-    assert (workdir / "results.json").exists()
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["skipped_updates"] == skipped[-1]
+    # The run says how much it skipped (the summary goes to stdout, in the run's log).
+    log = Path(f"{workdir}.log").read_text()
+    assert f"{workdir}: {skipped[-1]} of 6 updates skipped (non-finite loss or gradients)" in log
     _, arrays = final_arrays(workdir)
     for key, value in arrays.items():
         if np.issubdtype(value.dtype, np.floating):
