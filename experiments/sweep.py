@@ -28,9 +28,19 @@ per-seed workdirs. `sweep_vmap_seeds = "accelerator"` does so only where JAX's d
 is not the CPU (asked of a short child process, so the sweep itself never claims the
 accelerator), since on a CPU it gains little (README "Performance" has the measurement).
 
+Devices: `--devices_per_run N` gives every child process its own N devices of this host
+(CUDA_VISIBLE_DEVICES on GPUs, the TPU VM's per-process chip variables on TPUs: see
+experiments/devices.py), and runs as many children at once as there are slots (unless
+`--parallel` says fewer); 0 gives every child all devices. Without the flag a config file's
+`sweep_devices_per_run` decides, else models under 100M parameters get one device each on an
+accelerator (a small model spread over 8 GPUs spends its steps in all-reduces). On a CPU
+the flag sets each child's number of emulated devices (XLA_FLAGS) and `--parallel` alone
+decides how many run.
+
 Usage:
     python -m experiments.sweep --config configs/quickstart.py --workdir runs/quickstart \
-        [--parallel 2] [--only 'pe=(alibi|rope)'] [--vmap_seeds] [--dry_run] \
+        [--parallel 2] [--devices_per_run 1] [--only 'pe=(alibi|rope)'] [--vmap_seeds] \
+        [--dry_run] \
         [--config.train.steps=100 ...]   # extra overrides applied to every point
 """
 
@@ -56,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from attn.registry import ConfigError
+from experiments import devices
 from experiments.workdir import DONE, RunError, StopSignals, atomic_write_json, workdir_lock
 
 DRIVER = (sys.executable, "-m", "experiments.main", "--mode", "train")
@@ -340,9 +351,19 @@ def _tail(path: Path, lines: int = 3) -> str:
 class Sweep:
     """Runs jobs with at most `parallel` subprocesses alive; records every transition."""
 
-    def __init__(self, workdir: Path, points: Sequence[Point], *, config_spec: str, parallel: int):
+    def __init__(
+        self,
+        workdir: Path,
+        points: Sequence[Point],
+        *,
+        config_spec: str,
+        parallel: int,
+        pool: devices.DevicePool | None = None,
+    ):
         self.workdir = Path(workdir)
         self.parallel = max(1, parallel)
+        self.pool = pool
+        self.slots: dict[subprocess.Popen, int] = {}  # the device slot each child holds
         previous = _read_json(self.workdir / STATUS_FILE) or {}
         # Points left out by --only keep what an earlier invocation recorded about them.
         self.status = {
@@ -374,18 +395,28 @@ class Sweep:
         with StopSignals() as stop:
             while (queue or running) and stop.received is None:
                 while queue and len(running) < self.parallel:
+                    got = self.pool.acquire(dict(env)) if self.pool else (-1, env)
+                    if got is None:
+                        break  # every device slot is busy
+                    slot, job_env = got
                     job = queue.pop(0)
                     job.log.parent.mkdir(parents=True, exist_ok=True)
                     log = open(job.log, "a")  # closed when the job ends
                     log.write(f"\n=== {_now()} {shlex.join(job.argv)}\n")
+                    placed = {k: v for k, v in job_env.items() if env.get(k) != v}
+                    if placed:
+                        log.write(
+                            f"=== devices: {' '.join(f'{k}={v}' for k, v in placed.items())}\n"
+                        )
                     log.flush()
                     proc = subprocess.Popen(
                         job.argv,
                         stdout=log,
                         stderr=subprocess.STDOUT,
-                        env={**env, "ATTN_SWEEP_POINT": job.points[0].name},
+                        env={**job_env, "ATTN_SWEEP_POINT": job.points[0].name},
                         start_new_session=True,  # signals reach points only through the sweep
                     )
+                    self.slots[proc] = slot
                     running[proc] = (job, time.monotonic(), log)
                     self._set(job.points, status="running", command=job.argv, log=str(job.log))
                     print(f"[sweep] start  {job.label}", flush=True)
@@ -401,6 +432,8 @@ class Sweep:
                             continue
                     log.close()
                     del running[proc]
+                    if self.pool:
+                        self.pool.release(self.slots.pop(proc))
                     self._finish(job, proc.returncode, elapsed)
                 time.sleep(0.2)
             if stop.received is None:
@@ -472,11 +505,29 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def _device_pool(module, points, host, devices_per_run) -> devices.DevicePool | None:
+    """The device slots children take, or None to leave their environment alone."""
+    per_run = devices_per_run
+    if per_run is None and host["backend"] != "cpu":
+        per_run = getattr(module, "sweep_devices_per_run", None)
+        if per_run is None:
+            per_run = devices.default_devices_per_run(point_config(module, points[0]))
+    if per_run is None:
+        return None
+    try:
+        pool = devices.DevicePool(host["backend"], host["count"], int(per_run))
+    except ValueError as e:
+        raise SweepError(str(e)) from None
+    print(f"[sweep] {devices.describe(pool)}", flush=True)
+    return pool
+
+
 def run_sweep(
     config_spec: str,
     workdir: str | Path,
     *,
-    parallel: int = 1,
+    parallel: int | None = 1,
+    devices_per_run: int | None = None,
     only: str | None = None,
     vmap_seeds: bool | None = None,
     extra_flags: Sequence[str] = (),
@@ -484,11 +535,15 @@ def run_sweep(
     dry_run: bool = False,
     driver: Sequence[str] | None = None,
     seeds_driver: Sequence[str] | None = None,
+    probe=devices.probe,
 ) -> dict:
     """Run every unfinished point; return the status dict (also in workdir/sweep_status.json).
 
     vmap_seeds=None reads the config file's `sweep_vmap_seeds`. `driver` is the command that
-    trains one point, DRIVER by default (tests substitute a stub).
+    trains one point, DRIVER by default (tests substitute a stub). parallel=None: as many as
+    there are device slots (one on a CPU). devices_per_run=None: the config file's
+    `sweep_devices_per_run`, else `devices.default_devices_per_run` on an accelerator (see
+    the module docstring). `probe` asks a child process for the backend and device count.
     """
     points, module = build_points(config_spec, workdir, extra_flags, only)
     if not points:
@@ -500,6 +555,9 @@ def run_sweep(
         if callable(wanted):
             wanted = _call_with_arg(wanted, split_config_spec(config_spec)[1])
         vmap_seeds = default_backend() != "cpu" if wanted == "accelerator" else bool(wanted)
+    pool = _device_pool(module, points, probe(), devices_per_run)
+    if parallel is None:
+        parallel = (pool.capacity if pool else None) or 1
     jobs = make_jobs(points, vmap_seeds=vmap_seeds, driver=driver, seeds_driver=seeds_driver)
     skipped = len(points) - sum(len(j.points) for j in jobs)
     print(
@@ -513,7 +571,7 @@ def run_sweep(
         return {}
     Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
-        sweep = Sweep(Path(workdir), points, config_spec=config_spec, parallel=parallel)
+        sweep = Sweep(Path(workdir), points, config_spec=config_spec, parallel=parallel, pool=pool)
         stopped = sweep.run(jobs, child_env(parallel), timeout)
     if stopped:
         sweep.status["stopped"] = signal.Signals(stopped).name
@@ -543,7 +601,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="config file with get_sweep(), [:arg]")
     parser.add_argument("--workdir", required=True, help="root; one sub-directory per point")
-    parser.add_argument("--parallel", type=int, default=1, help="points running at once")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="points running at once (default: one per device slot on an accelerator, else 1)",
+    )
+    parser.add_argument(
+        "--devices_per_run",
+        type=int,
+        default=None,
+        help="devices each point sees (0: all; default: 1 for models under 100M parameters "
+        "on an accelerator); on a CPU, its number of emulated devices",
+    )
     parser.add_argument("--only", default=None, help="regex; run only points whose name matches")
     parser.add_argument(
         "--vmap_seeds",
@@ -562,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.config,
             args.workdir,
             parallel=args.parallel,
+            devices_per_run=args.devices_per_run,
             only=args.only,
             vmap_seeds=args.vmap_seeds,
             extra_flags=extra,

@@ -7,6 +7,7 @@ exactly which bias, mask, flags and sequence lengths the cuDNN path hands to JAX
 the answer equals the reference.
 """
 
+import sys
 from pathlib import Path
 
 import jax
@@ -322,3 +323,117 @@ def test_seed_split_program_gives_each_seeds_own_step():
     for i in range(2):
         _, alone = single(states[i], mesh_lib.shard_batch(host[i], device_mesh))
         np.testing.assert_allclose(split["loss"][i], alone["loss"], rtol=1e-5)
+
+
+def test_device_pool_slots_per_backend():
+    from experiments import devices
+
+    gpu = devices.DevicePool("gpu", 8, 2)
+    assert gpu.capacity == 4
+    got = [gpu.acquire({"A": "1"}) for _ in range(5)]
+    assert [g[1]["CUDA_VISIBLE_DEVICES"] for g in got[:4]] == ["0,1", "2,3", "4,5", "6,7"]
+    assert got[4] is None and all(g[1]["A"] == "1" for g in got[:4])
+    gpu.release(got[1][0])
+    assert gpu.acquire({})[1]["CUDA_VISIBLE_DEVICES"] == "2,3"
+    everything = devices.DevicePool("gpu", 8, 0)
+    assert everything.capacity == 1 and "CUDA_VISIBLE_DEVICES" not in everything.acquire({})[1]
+    tpu = devices.DevicePool("tpu", 4, 1)
+    slot, env = tpu.acquire({})
+    slot2, env2 = tpu.acquire({})
+    assert env["TPU_VISIBLE_CHIPS"] == "0" and env2["TPU_VISIBLE_CHIPS"] == "1"
+    assert env["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,1,1" and env["TPU_PROCESS_BOUNDS"] == "1,1,1"
+    assert env["TPU_MESH_CONTROLLER_PORT"] != env2["TPU_MESH_CONTROLLER_PORT"]
+    assert devices.DevicePool("tpu", 4, 2).acquire({})[1]["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,2,1"
+    cpu = devices.DevicePool("cpu", 1, 4)
+    flags = cpu.acquire({"XLA_FLAGS": "--a --xla_force_host_platform_device_count=8"})[1]
+    assert flags["XLA_FLAGS"] == "--a --xla_force_host_platform_device_count=4"
+    assert cpu.capacity is None and cpu.acquire({}) is not None  # CPU children share cores
+    for bad in (("gpu", 2, 3), ("tpu", 4, 3), ("gpu", 2, -1)):
+        with pytest.raises(ValueError, match="--devices_per_run"):
+            devices.DevicePool(*bad)
+
+
+SWEEP_GRID = """
+import ml_collections
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({"name": "decoder", "num_layers": 2, "d_model": 64})
+    return c
+
+def get_sweep(arg=None):
+    return [{"seed": s} for s in range(4)]
+"""
+
+SWEEP_STUB = """
+import os, pathlib, sys, time
+from absl import app, flags
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "")
+flags.DEFINE_string("mode", "train", "")
+CONFIG = config_flags.DEFINE_config_file("config")
+
+def main(_):
+    wd = pathlib.Path(flags.FLAGS.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    seen = [os.environ.get(k, "-") for k in ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS")]
+    (wd / "env").write_text(f"{time.time()} " + " | ".join(seen))
+    time.sleep(0.5)
+    (wd / "ends").write_text(str(time.time()))
+    (wd / "DONE").write_text("")
+
+app.run(main)
+"""
+
+
+def test_sweep_gives_each_child_its_own_device(tmp_path, monkeypatch):
+    """2 probed "GPUs", a small model: one device per point, 2 points at once (parallel
+    follows the slots), and no two points that ran at the same time saw the same device."""
+    from experiments import sweep
+
+    grid, stub = tmp_path / "grid.py", tmp_path / "stub.py"
+    grid.write_text(SWEEP_GRID)
+    stub.write_text(SWEEP_STUB)
+    monkeypatch.setattr(sweep, "check_drift", lambda module, points: points)
+    runs = tmp_path / "runs"
+    status = sweep.run_sweep(
+        str(grid),
+        runs,
+        parallel=None,
+        driver=[sys.executable, str(stub)],
+        probe=lambda: {"backend": "gpu", "count": 2},
+    )
+    assert not status.get("failed")
+    seen = []
+    for d in sorted(runs.iterdir()):
+        if (d / "env").exists():
+            start, rest = (d / "env").read_text().split(" ", 1)
+            seen.append((float(start), float((d / "ends").read_text()), rest.split(" | ")[0]))
+    assert len(seen) == 4 and {s[2] for s in seen} == {"0", "1"}
+    for a in seen:
+        for b in seen:
+            if a is not b and a[0] < b[1] and b[0] < a[1]:  # overlapping in time
+                assert a[2] != b[2]
+    # On a CPU, --devices_per_run sets each child's emulated device count.
+    status = sweep.run_sweep(
+        str(grid),
+        tmp_path / "cpu",
+        devices_per_run=2,
+        driver=[sys.executable, str(stub)],
+        probe=lambda: {"backend": "cpu", "count": 1},
+    )
+    env = (tmp_path / "cpu" / "seed=0" / "env").read_text()
+    assert "--xla_force_host_platform_device_count=2" in env
+
+
+def test_default_devices_per_run_is_one_for_small_models():
+    import ml_collections
+
+    from experiments import devices
+
+    small = ml_collections.ConfigDict({"model": {"num_layers": 12, "d_model": 768}})
+    big = ml_collections.ConfigDict({"model": {"num_layers": 24, "d_model": 2048}})
+    assert devices.default_devices_per_run(small) == 1  # 125M-class: ~85M in the layers
+    assert devices.default_devices_per_run(big) == 0
