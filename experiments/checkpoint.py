@@ -117,8 +117,8 @@ def _restore_target(x):
 
 
 class _HeldOrbaxErrors(logging.Filter):
-    """Holds back orbax's own ERROR records (logged with tracebacks from its threads) while a
-    save, wait or restore is under way.
+    """Holds back orbax's own ERROR records (logged with tracebacks from its threads) from the
+    dispatch of a save until it has committed, and during a restore.
 
     When that operation fails, the caller gets one RunError line (the orbax exception chained
     to it) and the held records are dropped: they describe the same failure. When it
@@ -136,19 +136,25 @@ class _HeldOrbaxErrors(logging.Filter):
             return False
         return True
 
+    def start(self) -> None:
+        self.active = True
+
+    def finish(self, ok: bool) -> None:
+        """Stop holding: log what was held if the operation succeeded, drop it if not."""
+        self.active = False
+        held, self.held = self.held, []
+        for record in held if ok else ():
+            logging.getLogger(record.name).handle(record)
+
     @contextlib.contextmanager
     def hold(self):
-        self.active = True
+        self.start()
         try:
             yield
         except BaseException:
-            self.held.clear()
+            self.finish(ok=False)
             raise
-        finally:
-            self.active = False
-        held, self.held = self.held, []
-        for record in held:
-            logging.getLogger(record.name).handle(record)
+        self.finish(ok=True)
 
 
 class Checkpointer:
@@ -195,6 +201,7 @@ class Checkpointer:
         self.last_restore_seconds: float | None = None
         self._last_bytes = 0
         self._save_started = 0.0
+        self._failed = False  # a save failed and was reported
         self._held = _HeldOrbaxErrors()
         logging.getLogger("absl").addFilter(self._held)
         options = ocp.CheckpointManagerOptions(
@@ -255,6 +262,7 @@ class Checkpointer:
 
     def _save_error(self, step: int | None, error: BaseException) -> RunError:
         self._pending = None
+        self._failed = True
         with contextlib.suppress(Exception):
             self._manager.reload()
         good = self._good_steps(excluding=step)
@@ -291,39 +299,44 @@ class Checkpointer:
         try:
             # Blocks on the previous async save first: its failure surfaces here.
             self.wait()
-            self._check_space(step)
+            self._check_space(step, state)
             self._pending = step
             self._save_started = time.perf_counter()
-            with self._held.hold():
-                saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+            self._held.start()  # until wait() sees the save commit (or fail)
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
             self.last_save_seconds = {"dispatch": time.perf_counter() - self._save_started}
         except RunError:
             raise
         except Exception as e:
+            self._held.finish(ok=False)
             raise self._save_error(step, e) from e
         if not saved:
             self._pending = None
+            self._held.finish(ok=True)
         elif not self.async_save:
             self.wait()
         return saved
 
-    def _check_space(self, step: int) -> None:
-        """Refuse to start a save that cannot fit: the size of the last one must be free.
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuse to start a save that cannot fit: as many bytes as the last save took (or,
+        before the first, as the arrays hold) must be free.
 
-        Cheaper and clearer than failing half-way, and on some filesystems a full disk
-        surfaces from the writer threads as something less recognisable than ENOSPC.
+        Cheaper and clearer than failing half-way in orbax's writer threads, where a full
+        disk surfaces as something less recognisable than ENOSPC (and as tracebacks).
         """
-        if self._last_bytes and free_bytes(self.directory) < self._last_bytes:
-            error = OSError(errno.ENOSPC, f"need {self._last_bytes} bytes free")
+        need = self._last_bytes or sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+        if need and free_bytes(self.directory) < need:
+            error = OSError(errno.ENOSPC, f"need {need} bytes free")
             raise self._save_error(step, error)
 
     def wait(self) -> None:
         """Block until the pending save (if any) has committed; RunError if it failed."""
         try:
-            with self._held.hold():
-                self._manager.wait_until_finished()
+            self._manager.wait_until_finished()
         except Exception as e:
+            self._held.finish(ok=False)
             raise self._save_error(self._pending, e) from e
+        self._held.finish(ok=True)
         if self._pending is not None:
             self.last_save_seconds["total"] = time.perf_counter() - self._save_started
             with contextlib.suppress(OSError, ValueError, KeyError):
@@ -332,12 +345,19 @@ class Checkpointer:
         self._pending = None
 
     def close(self) -> None:
-        """Finish pending writes and release orbax's threads."""
+        """Finish pending writes and release orbax's threads. After a save failed (its
+        RunError already said so), closing reports nothing more."""
         try:
-            self.wait()
+            if not self._failed:
+                self.wait()
         finally:
-            self._manager.close()
-            logging.getLogger("absl").removeFilter(self._held)
+            try:
+                self._manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
+            finally:
+                logging.getLogger("absl").removeFilter(self._held)
 
     def __enter__(self) -> "Checkpointer":
         return self

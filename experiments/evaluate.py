@@ -42,7 +42,13 @@ from attn.registry import ConfigError
 from experiments import config_utils, input_pipeline, mesh, metrics, state, tasks
 from experiments.tasks.layouts import padded_length
 from experiments.validate import resolve_eval_lengths, validate
-from experiments.workdir import atomic_write_json, rewind_jsonl, workdir_lock
+from experiments.workdir import (
+    Stopped,
+    StopSignals,
+    atomic_write_json,
+    rewind_jsonl,
+    workdir_lock,
+)
 
 log = logging.getLogger("attn.evaluate")
 
@@ -106,9 +112,10 @@ class Evaluator:
             data_dir=self.config.eval.data_dir or None,
         )
 
-    def __call__(self, model, *, step: int, lengths, log_row=None) -> dict:
+    def __call__(self, model, *, step: int, lengths, log_row=None, stop=None) -> dict:
         """{length: metrics} of `model` (a module or its nnx.State); one "eval" row per length
-        through log_row. After the first batch it logs what the whole grid will take."""
+        through log_row. After the first batch it logs what the whole grid will take. `stop`
+        (a workdir.StopSignals) is checked between lengths: a signal raises Stopped."""
         model_state = model if isinstance(model, nnx.State) else nnx.split(model)[1]
         datasets = {n: self._batches(n) for n in lengths}
         params = sum(x.size for x in jax.tree.leaves(nnx.state(model_state, nnx.Param)))
@@ -118,6 +125,8 @@ class Evaluator:
         }
         out, estimated = {}, False
         for n in lengths:
+            if stop is not None:
+                stop.check()
             t0 = time.perf_counter()
             compile_s, total = 0.0, None
             for batch in datasets[n]:
@@ -207,6 +216,7 @@ def evaluate_and_write(
     name: str = FINAL,
     overrides: dict | None = None,
     extra: dict | None = None,
+    stop=None,
 ) -> dict:
     """The evaluation at the eval grid, then its results file (process 0): results.json for
     the final evaluation, evals/<name>.json for a named one. Rows go to `writer` (a
@@ -216,7 +226,7 @@ def evaluate_and_write(
         if writer is None:
             writer = stack.enter_context(metrics.MetricsWriter(workdir))
         log_row = lambda row: writer.row({**row, "eval": name})
-        per_length = evaluator(model, step=step, lengths=lengths, log_row=log_row)
+        per_length = evaluator(model, step=step, lengths=lengths, log_row=log_row, stop=stop)
     task = evaluator.task
     results = {
         "config": config.to_dict(),
@@ -305,7 +315,7 @@ def run(
             f"{changed}: changes the model's parameters; an evaluation may only change fields "
             "that keep every parameter's shape"
         )
-    with workdir_lock(workdir, process_index=jax.process_index()):
+    with workdir_lock(workdir, process_index=jax.process_index()), StopSignals() as signals:
         device_mesh = mesh.make_mesh(config)
         graphdef, train_state, step = state.load_state(config, workdir, mesh=device_mesh, step=step)
         name = name or default_name(step, applied, lengths)
@@ -316,13 +326,18 @@ def run(
                 keep=lambda r: not (r.get("split") == "eval" and r.get("eval") == name),
             )
         log.info("evaluation %s of %s at step %d", name, workdir, step)
-        return evaluate_and_write(
-            eval_config,
-            workdir,
-            state.merge_model(graphdef, train_state),
-            step=step,
-            evaluator=Evaluator(eval_config, device_mesh),
-            lengths=lengths,
-            name=name,
-            overrides=applied,
-        )
+        try:
+            return evaluate_and_write(
+                eval_config,
+                workdir,
+                state.merge_model(graphdef, train_state),
+                step=step,
+                evaluator=Evaluator(eval_config, device_mesh),
+                lengths=lengths,
+                name=name,
+                overrides=applied,
+                stop=signals,
+            )
+        except Stopped as e:  # between lengths: nothing of this evaluation is kept
+            log.warning("evaluation %s stopped by %s; not kept", name, e)
+            return {"interrupted": e.signum, "step": step}

@@ -6,11 +6,16 @@ saving a checkpoint (re-running resumes). --distributed: jax.distributed.initial
 import logging
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # from the first moment: a signal ends the process with one line
+    from experiments.workdir import exit_on_signals
 
-from attn.registry import ConfigError
-from experiments import config_utils
+    exit_on_signals("experiments.main")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from attn.registry import ConfigError  # noqa: E402
+from experiments import config_utils  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:k=v,...]", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (created; re-running resumes).")

@@ -15,17 +15,21 @@ writer of metrics.jsonl and TensorBoard.
 - `MetricsWriter`: metrics.jsonl rows, TensorBoard scalars and the console, on process 0.
 """
 
+import contextlib
 import logging
 import math
 import os
+import queue
 import sys
+import threading
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.workdir import append_jsonl
+from experiments.workdir import append_jsonl, one_line
 
 log = logging.getLogger("attn.metrics")
 
@@ -115,46 +119,110 @@ def jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """metrics.jsonl rows, TensorBoard scalars and the console, on process 0 only."""
+    """metrics.jsonl rows, TensorBoard scalars and the console, on process 0 only.
+
+    Logging never blocks or ends training: TensorBoard events go through a bounded queue to a
+    thread of ours that writes them synchronously with tensorboardX's EventsWriter (its
+    SummaryWriter's own thread dies on a full disk, after which the next event blocks forever,
+    and its exit hook prints a traceback), and a writer that fails (disk full, a closed pipe)
+    is reported once, in one log line, and dropped. The run then stops where it must, at its
+    next checkpoint, with the checkpoint's own one-line error.
+    """
+
+    QUEUE = 10_000
+    CLOSE_TIMEOUT_S = 10.0
+    FLUSH_S = 5.0
 
     def __init__(self, workdir: str, total_steps: int | None = None, start_step: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.main = jax.process_index() == 0
-        self.tb = None
         self.bar = None
-        if self.main:
-            from tensorboardX import SummaryWriter
+        self.failed: dict[str, str] = {}  # writer -> why it was dropped
+        self._tb_queue = None
+        if not self.main:
+            return
+        self._tb_queue = queue.Queue(self.QUEUE)
+        self._tb_thread = threading.Thread(
+            target=self._tb_loop, args=(os.path.join(workdir, "tb"),), daemon=True
+        )
+        self._tb_thread.start()
+        if total_steps is not None and sys.stderr.isatty():
+            from tqdm import tqdm
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-            if total_steps is not None and sys.stderr.isatty():
-                from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step")
 
-                self.bar = tqdm(total=total_steps, initial=start_step, unit="step")
+    def _fail(self, writer: str, error: BaseException) -> None:
+        if writer not in self.failed:
+            self.failed[writer] = one_line(error)
+            where = os.path.dirname(self.path)
+            log.warning("%s: %s stopped (%s); training goes on", where, writer, one_line(error))
+
+    def _tb_loop(self, logdir: str) -> None:
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+
+        writer = None
+        try:
+            os.makedirs(logdir, exist_ok=True)
+            writer = EventsWriter(os.path.join(logdir, "events"))
+            flushed = time.monotonic()
+            while (item := self._tb_queue.get()) is not None:
+                tag, value, step = item
+                event = event_pb2.Event(
+                    wall_time=time.time(), step=int(step), summary=summary.scalar(tag, value)
+                )
+                writer.write_event(event)
+                if time.monotonic() - flushed > self.FLUSH_S:
+                    writer.flush()
+                    flushed = time.monotonic()
+            writer.close()
+        except Exception as e:  # the thread must end, whatever the disk does
+            self._fail("TensorBoard", e)
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
 
     def row(self, row: dict) -> None:
         if not self.main:
             return
         clean = jsonable(row)
-        append_jsonl(self.path, clean)
+        try:
+            append_jsonl(self.path, clean)
+        except OSError as e:
+            self._fail("metrics.jsonl", e)
+        if "TensorBoard" in self.failed or self._tb_queue is None:
+            return
         tag = row["split"] if row.get("length") is None else f"{row['split']}/{row['length']}"
         for k, v in clean.items():
             if k not in ("step", "split", "length") and isinstance(v, float | int):
-                self.tb.add_scalar(f"{tag}/{k}", v, row["step"])
+                try:
+                    self._tb_queue.put_nowait((f"{tag}/{k}", v, row["step"]))
+                except queue.Full:
+                    self._fail("TensorBoard", RuntimeError("its writer stopped taking events"))
+                    return
 
     def progress(self, step: int, text: str) -> None:
-        if not self.main:
+        if not self.main or "console" in self.failed:
             return
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix_str(text, refresh=True)
-        else:
-            log.info("step %d: %s", step, text)
+        try:
+            if self.bar is not None:
+                self.bar.n = step
+                self.bar.set_postfix_str(text, refresh=True)
+            else:
+                log.info("step %d: %s", step, text)
+        except (OSError, ValueError) as e:  # a closed terminal or pipe
+            self._fail("console", e)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+            with contextlib.suppress(OSError, ValueError):
+                self.bar.close()
+        if self._tb_queue is not None:
+            with contextlib.suppress(queue.Full):
+                self._tb_queue.put(None, timeout=self.CLOSE_TIMEOUT_S)
+            self._tb_thread.join(self.CLOSE_TIMEOUT_S)
+            self._tb_queue = None
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import jax
@@ -50,6 +51,7 @@ from experiments.validate import resolve_eval_lengths, run_identity, validate
 from experiments.workdir import (
     DONE,
     RunError,
+    Stopped,
     StopSignals,
     append_jsonl,
     atomic_write_text,
@@ -384,8 +386,9 @@ class RunFiles:
             "--config.train.skip_nonfinite=true"
         )
 
-    def finish(self, state, graphdef, evaluator, lengths=None) -> dict:
-        """The final checkpoint, the final evaluation (results.json) and DONE."""
+    def finish(self, state, graphdef, evaluator, lengths=None, *, stop=None) -> dict:
+        """The final checkpoint, the final evaluation (results.json) and DONE. `stop` (a
+        StopSignals) ends the evaluation between lengths with workdir.Stopped."""
         step = int(state["step"])
         self.save(step, state, force=True)
         self.ckpt.wait()
@@ -398,6 +401,7 @@ class RunFiles:
             lengths=lengths,
             writer=self.writer,
             extra={"skipped_updates": self.skipped},
+            stop=stop,
         )
         if self.skipped:
             summary = f"{self.skipped} of {step} updates skipped (non-finite loss or gradients)"
@@ -456,6 +460,8 @@ def setup_compilation_cache(config, workdir: str) -> None:
         path = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # A cache entry that cannot be written (a full disk) only means compiling again next time.
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache")
 
 
 def stop_requested(signals: StopSignals, ckpt: checkpoint.Checkpointer, every: int):
@@ -555,7 +561,7 @@ def run(config, workdir: str, *, eval_lengths=None) -> dict:
         logging.getLogger().setLevel(logging.WARNING)
     validate(config, workdir=workdir, eval_lengths=eval_lengths)
     setup_compilation_cache(config, workdir)
-    with workdir_lock(workdir, process_index=jax.process_index()):
+    with workdir_lock(workdir, process_index=jax.process_index()), StopSignals() as signals:
         changes = run_identity(config, workdir)
         finished = finished_results(workdir, changes, eval_lengths)
         if finished is not None:
@@ -572,24 +578,27 @@ def run(config, workdir: str, *, eval_lengths=None) -> dict:
             if state is None:
                 state, start = init(), 0
             files.begin(start)
-            with StopSignals() as signals:
-                stop = stop_requested(signals, files.ckpt, t.log_every)
-                try:
-                    state, stopped = train_loop(
-                        step_fn,
-                        state,
-                        host_batches(config, seed=config.seed, start=start),
-                        start=start,
-                        total=t.steps,
-                        place=stats.place(lambda b: mesh_lib.shard_batch(b, device_mesh), start),
-                        hooks=_DriverHooks(files, graphdef, evaluator, stop, stats),
-                        log_every=t.log_every,
-                        eval_every=t.eval_every,
-                    )
-                finally:
-                    stats.stop()
+            stop = stop_requested(signals, files.ckpt, t.log_every)
+            try:
+                state, stopped = train_loop(
+                    step_fn,
+                    state,
+                    host_batches(config, seed=config.seed, start=start),
+                    start=start,
+                    total=t.steps,
+                    place=stats.place(lambda b: mesh_lib.shard_batch(b, device_mesh), start),
+                    hooks=_DriverHooks(files, graphdef, evaluator, stop, stats),
+                    log_every=t.log_every,
+                    eval_every=t.eval_every,
+                )
+            finally:
+                stats.stop()
             if stopped:
                 step = int(state["step"])
                 files.writer.progress(step, f"stopped by {stopped}; checkpoint saved")
                 return {"interrupted": int(getattr(signal, stopped)), "step": step}
-            return files.finish(state, graphdef, evaluator, eval_lengths)
+            try:
+                return files.finish(state, graphdef, evaluator, eval_lengths, stop=signals)
+            except Stopped as e:  # during the final evaluation: re-running redoes it
+                files.writer.progress(int(state["step"]), f"stopped by {e}; evaluation not kept")
+                return {"interrupted": e.signum, "step": int(state["step"])}

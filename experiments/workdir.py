@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -304,27 +305,49 @@ def exclusive_lock_file(path: Path, workdir) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- signals
 
 
+class Stopped(Exception):
+    """Raised where work stops early on a signal (between evaluation lengths); `signum`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignals:
     """Turn SIGTERM / SIGINT into a flag the train loop polls, so it can save and exit cleanly.
 
     Use as a context manager in the main thread. The first signal sets `.received` (the
-    signal name); the loop then saves a checkpoint, calls `Checkpointer.wait()` and exits. A
-    second signal restores the default handler and re-raises it, for a user who insists.
+    signal name); the loop then saves a checkpoint, calls `Checkpointer.wait()` and exits. The
+    same signal again within REPEAT_GRACE_S is the double delivery of a process-group kill
+    (coreutils `timeout` signals the child and its group) and is ignored, so the stop
+    checkpoint is not lost; a signal after that restores the default handler and re-raises
+    it, for a user who insists.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_GRACE_S = 5.0
 
     def __init__(self):
         self.received: str | None = None
+        self._at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.received is not None:
+            if name == self.received and time.monotonic() - self._at < self.REPEAT_GRACE_S:
+                log.warning("received %s again: still stopping", name)
+                return
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
             return
-        self.received = signal.Signals(signum).name
+        self.received, self._at = name, time.monotonic()
         log.warning("received %s: saving a checkpoint and stopping", self.received)
+
+    def check(self) -> None:
+        """Raise Stopped if a signal came (for work that stops between its pieces)."""
+        if self.received is not None:
+            raise Stopped(int(getattr(signal, self.received)))
 
     def __enter__(self) -> "StopSignals":
         for s in self.SIGNALS:
@@ -334,6 +357,19 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def exit_on_signals(program: str) -> None:
+    """Until a StopSignals takes over: SIGTERM / SIGINT end the process at once with one line
+    and status 128 + signal (nothing has been written that a stop would need to save)."""
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        print(f"{program}: stopped by {name} before any work was saved", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, handle)
 
 
 def write_done(workdir: str | os.PathLike) -> None:

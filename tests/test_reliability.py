@@ -405,6 +405,58 @@ def test_stop_signal_saves_and_exits_with_documented_status(tmp_path, sig):
     assert logged == list(range(1, len(logged) + 1)), "metrics rows not contiguous on resume"
 
 
+def test_two_sigterms_close_together_keep_the_stop_checkpoint(tmp_path):
+    """coreutils `timeout` signals the child and then its process group: the repeat must not
+    kill the process while it saves."""
+    workdir = tmp_path / "run"
+    proc = start(workdir, *LONG_FLAGS)
+    assert wait_for(proc, lambda: last_train_step(workdir) >= 3), "training never started"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout=60)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 3, steps
+    assert ck.verify_step_dir(workdir / "checkpoints" / str(steps[0])) is None
+
+
+def test_signal_before_training_starts_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    proc = start(workdir, *LONG_FLAGS)
+    time.sleep(1.0)  # the entry point is importing JAX: no training, nothing to save yet
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout=60)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "experiments.main: stopped by SIGTERM before any work was saved"
+    )
+
+
+def test_sigint_during_the_final_evaluation_stops_between_lengths(tmp_path):
+    workdir = tmp_path / "run"
+    lengths = "--lengths=4,64,128,256,384,512"
+    proc = start(workdir, "--config.train.steps=2", "--config.eval.num_examples=64", lengths)
+
+    def evaluating():
+        return any(r.get("eval") == "final" for r in wd.read_jsonl(workdir / "metrics.jsonl"))
+
+    assert wait_for(proc, evaluating), "the final evaluation never started"
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc, timeout=120)
+    assert code == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err
+    assert not (workdir / "DONE").exists() and not (workdir / "results.json").exists()
+    # Re-running resumes at the final checkpoint and evaluates again, each length once.
+    code, err = run(workdir, "--config.train.steps=2", "--config.eval.num_examples=64", lengths)
+    assert code == 0, err[-2000:]
+    final = [r["length"] for r in wd.read_jsonl(workdir / "metrics.jsonl") if r.get("eval")]
+    assert final == [4, 64, 128, 256, 384, 512]
+
+
 # ----------------------------------------------------------------------------- 3 corruption
 
 
@@ -661,6 +713,38 @@ def test_bad_input_is_one_line_naming_field_and_allowed(tmp_path):
             )
     assert not failures, "\n".join(failures)
     assert not (tmp_path / "wd" / "checkpoints").exists(), "a bad config started training"
+
+
+def test_a_whole_run_on_a_filling_filesystem_never_hangs(tmp_path):
+    """A real 8 MiB tmpfs with 48 KiB left: metrics.jsonl and TensorBoard fill it first (each
+    reported once and dropped, training goes on), then the checkpoint at step 200 cannot fit.
+    The run ends with that one line (exit 1), no traceback, never blocked on a logging writer
+    whose thread died."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("needs root to mount a tmpfs; the injected disk-full cases still run")
+    try:
+        (mnt / "ballast").write_bytes(b"\0" * (8 * 2**20 - 48 * 2**10))
+        workdir = mnt / "run"
+        flags = ("--config.train.steps=100000", "--config.train.ckpt_every=200")
+        argv = train_argv(workdir, *flags, "--config.train.log_every=1")
+        proc = subprocess.run(  # its output goes to the test, not to the full disk
+            [PY, "-m", "experiments.main", *argv],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        code, err = proc.returncode, proc.stderr
+        assert code == 1, err[-3000:]
+        assert_one_error_line(
+            err, f"disk full while saving checkpoint step 200 in workdir {workdir}"
+        )
+        assert f"{workdir}: TensorBoard stopped" in err and "metrics.jsonl stopped" in err
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
 
 
 def test_disk_full_during_save_is_one_line_and_keeps_previous(tmp_path):
