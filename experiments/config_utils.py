@@ -160,6 +160,8 @@ def _block_registries() -> dict[str, Mapping[str, Any]]:
         "model.pe": attn.pe.REGISTRY,
         "model.positions": attn.positions.REGISTRY,
         "model.scorer": attn.scoring.REGISTRY,
+        "model.logit_scale": attn.scoring.LOGIT_SCALES,
+        "model.normaliser": attn.scoring.NORMALISERS,
         "train.optimizer": optim.OPTIMIZERS,
         "train.schedule": optim.SCHEDULES,
     }

@@ -135,6 +135,7 @@ def test_batch_formats():
         "rnn_seq2seq": "seq2seq",
         "rnn_attention": "seq2seq",
         "ssm": "decoder",
+        "looped": "decoder",
     }
     assert {n: models.batch_format(n) for n in models.REGISTRY} == expected
     assert models.batch_format("ssm", {"ssm": {"bidirectional": True}}) == "encoder"
