@@ -7,6 +7,7 @@ exactly which bias, mask, flags and sequence lengths the cuDNN path hands to JAX
 the answer equals the reference.
 """
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -437,3 +438,130 @@ def test_default_devices_per_run_is_one_for_small_models():
     big = ml_collections.ConfigDict({"model": {"num_layers": 24, "d_model": 2048}})
     assert devices.default_devices_per_run(small) == 1  # 125M-class: ~85M in the layers
     assert devices.default_devices_per_run(big) == 0
+
+
+# ------------------------------------------------------------------ ./launch.sh check
+
+
+def test_check_smoke_prints_what_jax_sees_and_passes(capsys, tmp_path):
+    from experiments import check
+
+    out_json = tmp_path / "check.json"
+    args = ["--pes", "none", "--impls", "dense", "--length", "32", "--json", str(out_json)]
+    assert check.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"jax {jax.__version__}" in out and "backend cpu" in out
+    assert "train  encoder pe=none" in out and "fused  dense vs chunked L=32" in out
+    assert out.strip().splitlines()[-1].startswith("check: OK: 3 passed, 0 failed")
+    import json
+
+    assert json.loads(out_json.read_text())["verdict"] == "OK"
+
+
+@pytest.mark.slow  # two more training compilations: ~10 s on 2 cores
+def test_check_fails_on_a_wrong_mask_and_a_cpu_fallback(monkeypatch, capsys):
+    from experiments import check
+
+    real = attention.IMPLEMENTATIONS["dense"]
+    monkeypatch.setitem(
+        attention.IMPLEMENTATIONS,
+        "dense",
+        lambda q, k, v, *, mask, **kw: real(q, k, v, mask=None, **kw),  # padding ignored
+    )
+    assert check.main(["--pes", "none", "--impls", "dense", "--no-fused"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    problem = check.backend_problem({"installed_for": "cuda12", "backend": "cpu"})
+    assert "installed for cuda12 but its backend is cpu" in problem
+    assert check.backend_problem({"installed_for": "cpu", "backend": "cpu"}) is None
+
+
+# ------------------------------------------------------------------ launch.sh set-up
+
+
+def _bash(script: str, tmp_path, *, env=None, stubs=None):
+    """Run `script` after sourcing launch.sh, with PATH = stub commands + /usr/bin:/bin."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (stubs or {}).items():
+        stub = bin_dir / name
+        stub.write_text("#!/bin/sh\n" + body + "\n")
+        stub.chmod(0o755)
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})}
+    return subprocess.run(
+        ["bash", "-c", f'source "{ROOT / "launch.sh"}"; {script}'],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+NVIDIA_SMI = """if [ "$1" = "-L" ]; then echo "GPU 0: NVIDIA H200 (UUID: GPU-x)"; exit 0; fi
+echo "| NVIDIA-SMI 580.159  Driver Version: 580.159  CUDA Version: {cuda}     |"
+"""
+
+
+@pytest.mark.parametrize("cuda,want", [("12.4", "cuda12"), ("13.0", "cuda13")])
+def test_launch_detects_an_nvidia_gpu_and_its_cuda_major(tmp_path, cuda, want):
+    got = _bash("detect_accelerator", tmp_path, stubs={"nvidia-smi": NVIDIA_SMI.format(cuda=cuda)})
+    assert got.returncode == 0 and got.stdout.strip() == want, got.stderr
+    target = _bash(f"install_target {want}", tmp_path)
+    assert target.stdout.strip() == f".[test,{want}]"
+
+
+def test_launch_detects_a_tpu_vm_and_falls_back_to_cpu(tmp_path):
+    root = tmp_path / "root"
+    sysroot = {"ATTN_SYSROOT": str(root)}
+    assert _bash("detect_accelerator", tmp_path, env=sysroot).stdout.strip() == "cpu"
+    # nvidia-smi present but no GPU answers: not a GPU machine.
+    broken = {"nvidia-smi": "exit 9"}
+    assert _bash("detect_accelerator", tmp_path, env=sysroot, stubs=broken).stdout.strip() == "cpu"
+    (root / "dev" / "vfio").mkdir(parents=True)
+    (root / "dev" / "vfio" / "0").write_text("")
+    pci = root / "sys" / "bus" / "pci" / "devices" / "0000:00:04.0"
+    pci.mkdir(parents=True)
+    (pci / "vendor").write_text("0x10de\n")  # an NVIDIA device passed through vfio
+    assert _bash("detect_accelerator", tmp_path, env=sysroot).stdout.strip() == "cpu"
+    tpu_env = {**sysroot, "TPU_ACCELERATOR_TYPE": "v5litepod-8"}
+    assert _bash("detect_accelerator", tmp_path, env=tpu_env).stdout.strip() == "tpu"
+    (pci / "vendor").write_text("0x1ae0\n")  # Google
+    assert _bash("detect_accelerator", tmp_path, env=sysroot).stdout.strip() == "tpu"
+    (root / "dev" / "vfio" / "0").unlink()
+    (root / "dev" / "accel0").write_text("")  # TPU v4
+    assert _bash("detect_accelerator", tmp_path, env=sysroot).stdout.strip() == "tpu"
+    assert _bash("install_target tpu; install_target cpu", tmp_path).stdout.split() == [
+        ".[test,tpu]",
+        ".[test]",
+    ]
+
+
+def test_launch_accelerator_override_and_bad_value(tmp_path):
+    gpu = {"nvidia-smi": NVIDIA_SMI.format(cuda="13.0")}
+    got = _bash("detect_accelerator", tmp_path, env={"ATTN_ACCELERATOR": "cpu"}, stubs=gpu)
+    assert got.stdout.strip() == "cpu"
+    bad = _bash("detect_accelerator", tmp_path, env={"ATTN_ACCELERATOR": "rocm"})
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        "launch.sh: ATTN_ACCELERATOR='rocm'; valid: cpu, cuda12, cuda13, tpu"
+    ]
+    # ensure_env stops on it before touching .venv
+    bad = _bash("ensure_env", tmp_path, env={"ATTN_ACCELERATOR": "rocm"})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_launch_with_the_systems_jax(tmp_path):
+    """ATTN_USE_SYSTEM_JAX=1: a Python with JAX and every module runs the project from the
+    checkout, installing nothing; one without JAX is one line and status 2."""
+    env = {"ATTN_USE_SYSTEM_JAX": "1", "ATTN_PYTHON": sys.executable}
+    got = _bash('ensure_env; echo "$PY"; echo "$PYTHONPATH"', tmp_path, env=env)
+    assert got.returncode == 0, got.stderr
+    py, pythonpath = got.stdout.strip().splitlines()
+    assert py == sys.executable and str(ROOT) in pythonpath.split(":")
+    assert "installing" not in got.stderr
+    nojax = {"python3": 'case "$2" in *"import jax"*) exit 1;; esac; exit 0'}
+    got = _bash("ensure_env", tmp_path, env={"ATTN_USE_SYSTEM_JAX": "1"}, stubs=nojax)
+    assert got.returncode == 2
+    assert got.stderr.strip().splitlines() == [
+        "launch.sh: ATTN_USE_SYSTEM_JAX=1, but python3 cannot import jax; install JAX there "
+        "or unset ATTN_USE_SYSTEM_JAX"
+    ]
