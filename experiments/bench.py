@@ -53,8 +53,16 @@ Method (every claim of speed is a benchmark here, not a timed test):
   states and batches, the idea of experiments/seeds.py) against 8 separate steps in sequence,
   same batches (nominal length 20: T = 24 for parity_check, 48 for reverse_string): time per
   step of 8 seeds, and the ratio.
-- `gpu` (GPU backends only; a "skipped" line otherwise): w2 scaled to 12 layers, d_model 768,
-  12 heads, MLP 3072, 1024 tokens, bfloat16: MFU; and chunked vs cuDNN attention forward at 8k.
+- `gpu` (GPU backends only; a "skipped" line otherwise): the bfloat16 matmul peak (n = 8192);
+  w2 scaled to 12 layers, d_model 768, 12 heads, MLP 3072, 1024 tokens, bfloat16 (w2-large):
+  MFU against that peak; long-context training steps (forward + backward + Adam) of that
+  125M-parameter decoder in bfloat16 with `model.remat=block`, batch 1, at 8k and 32k tokens,
+  each in a fresh process so its peak device memory (`memory_stats()["peak_bytes_in_use"]`)
+  is its own: a no-bias PE (RoPE) with impl auto (cuDNN) and chunked, and a bias PE (ALiBi)
+  with impl auto (the flash kernel) and chunked, with the chunked / fused time ratio; and
+  data-parallel scaling of w2-large over 1, 2, 4, ... of the devices present (batch 16 per
+  device, `train.mesh.data` = k, so the global batch grows with k): steps/s and efficiency
+  rate_k / rate_1 (1.0: perfect weak scaling).
 
 Host allocator: XLA:CPU allocates each execution's temp buffer afresh (one `mmap` of 144 MB for
 a w1 step at T = 32) and unmaps it afterwards. With 4 KiB pages that is ~35k page faults and
@@ -88,6 +96,7 @@ from attn import layers
 from experiments import mesh as mesh_lib
 from experiments import metrics, optim, tasks, train
 from experiments import state as state_lib
+from experiments.config_utils import ArgumentParser
 from experiments.tasks.layouts import format_lm, padded_length
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -819,6 +828,52 @@ def seeds(ctx) -> None:
 # ----------------------------------------------------------------------------- gpu
 
 
+GPU_LONG_CASES = (("rope", "auto"), ("rope", "chunked"), ("alibi", "auto"), ("alibi", "chunked"))
+GPU_LONG_LENGTHS = (8192, 32768)
+GPU_LARGE = {"num_layers": 12, "d_model": 768, "num_heads": 12, "num_kv_heads": 12}
+GPU_LARGE.update({"mlp_dim": 3072, "dtype": "bfloat16"})
+
+
+def _peak_device_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def gpu_train_child(spec: dict) -> dict:
+    """Training steps of the large decoder at one length (run in a fresh process, so the
+    device's peak memory is this case's)."""
+    from attn import attention
+
+    model = dict(spec["model"], impl=spec["impl"], remat=spec.get("remat", "none"))
+    config = lm_config(spec["pe"], spec["smoke"], **model)
+    config.train.batch_size = spec.get("batch", 1)
+    res = lm_train(
+        config, vocab=256, length=spec["length"], steps=spec["steps"], repeats=spec["repeats"]
+    )
+    picked = sorted({k[0] for k in attention._logged_choices if len(k) > 2})
+    return {**res, "peak_device_bytes": _peak_device_bytes(), "picked": picked}
+
+
+def _dp_rate(config, k: int, per_device: int, length: int, steps: int, repeats: int) -> list:
+    """steps/s of w2-large data parallel over the first k devices (batch per_device x k)."""
+    config.train.mesh.data = k
+    config.train.batch_size = per_device * k
+    mesh, _, _, state, step_fn = _train_setup(config)
+    rng = np.random.default_rng(0)
+    host = [_lm_batch(rng, per_device * k, length, 256) for _ in range(2)]
+    batches = [mesh_lib.shard_batch(b, mesh) for b in host]
+    state, m = step_fn(state, batches[0])
+    jax.device_get(m)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, m = step_fn(state, batches[i % 2])
+        jax.device_get(m)
+        rates.append(steps / (time.perf_counter() - t0))
+    return rates
+
+
 def gpu(ctx) -> None:
     rep = ctx.report
     if jax.default_backend() != "gpu":
@@ -836,13 +891,11 @@ def gpu(ctx) -> None:
         _ready(out)
         rates.append(2 * n**3 * 10 / (time.perf_counter() - t0) / 1e9)
     bf16_peak = rep.emit("gpu", "matmul_bf16_n8192", "gflops_per_s", rates, "GFLOP/s")["median"]
-    shape = {"num_layers": 12, "d_model": 768, "num_heads": 12, "num_kv_heads": 12}
-    shape.update({"mlp_dim": 3072, "dtype": "bfloat16"})
-    if ctx.smoke:
-        shape = {"dtype": "bfloat16"}
+    shape = {"dtype": "bfloat16"} if ctx.smoke else dict(GPU_LARGE)
     length = 64 if ctx.smoke else 1024
+    steps = ctx.steps or 10
     config = lm_config("rope", ctx.smoke, **shape)
-    res = lm_train(config, vocab=256, length=length, steps=ctx.steps or 10, repeats=ctx.repeats)
+    res = lm_train(config, vocab=256, length=length, steps=steps, repeats=ctx.repeats)
     rep.emit("gpu", "w2_large_bf16", "steps_per_s", res["steps_per_s"], "steps/s")
     flops = [r * res["flops"] / 1e9 for r in res["steps_per_s"]]
     rep.emit(
@@ -853,17 +906,55 @@ def gpu(ctx) -> None:
         "GFLOP/s",
         mfu=round(_median(flops) / bf16_peak, 4),
     )
-    for impl in ("chunked", "cudnn"):
-        spec = {"kind": "long", "impl": impl, "pe": "rope", "smoke": ctx.smoke}
-        spec.update({"length": 256 if ctx.smoke else 8192, "repeats": ctx.repeats})
-        res = long_child({**spec, "model": shape})
-        rep.emit("gpu", f"{impl}/{spec['length']}", "forward_s", res["times"], "s")
+    # Long-context training: a no-bias PE on cuDNN and a bias PE on the flash kernel, each
+    # against chunked, with this case's own peak device memory.
+    times: dict[tuple, float] = {}
+    for length in (256,) if ctx.smoke else GPU_LONG_LENGTHS:
+        for pe, impl in GPU_LONG_CASES:
+            variant = f"{pe}/{impl}/T{length}"
+            spec = {"kind": "gpu_train", "pe": pe, "impl": impl, "length": length}
+            spec.update(smoke=ctx.smoke, model=shape, remat="block", steps=2, repeats=ctx.repeats)
+            res = run_child(spec, timeout=900)
+            if "error" in res:
+                rep.note("gpu", variant, f"failed: {res['error']}")
+                continue
+            step_s = [1 / r for r in res["steps_per_s"]]
+            times[(pe, impl, length)] = _median(step_s)
+            rep.emit(
+                "gpu", variant, "train_step_s", step_s, "s", picked=res["picked"], remat="block"
+            )
+            if res["peak_device_bytes"] is not None:
+                peak_gib = res["peak_device_bytes"] / 2**30
+                rep.emit("gpu", variant, "peak_device_gib", [peak_gib], "GiB")
+        for pe in ("rope", "alibi"):
+            fused, chunked = times.get((pe, "auto", length)), times.get((pe, "chunked", length))
+            if fused and chunked:
+                rep.emit("gpu", f"{pe}/T{length}", "chunked_over_auto", [chunked / fused], "x")
+    # Data-parallel scaling of w2-large over the devices present.
+    count = jax.device_count()
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= count]
+    if count == 1:
+        rep.note("gpu", "data_parallel", "one device: no scaling to measure")
+    base = None
+    for k in ks if count > 1 else []:
+        config = lm_config("rope", ctx.smoke, **shape)
+        per_device, dp_length = (2, 64) if ctx.smoke else (16, 1024)
+        rates = _dp_rate(config, k, per_device, dp_length, steps, ctx.repeats)
+        base = base or _median(rates)
+        rep.emit(
+            "gpu",
+            f"data_parallel/{k}",
+            "steps_per_s",
+            rates,
+            "steps/s",
+            efficiency=round(_median(rates) / base, 3),
+        )
 
 
 # ----------------------------------------------------------------------------- main
 
 WORKLOADS = {"w1": w1, "w2": w2, "long": long, "compile": compile_, "seeds": seeds, "gpu": gpu}
-CHILDREN = {"long": long_child, "compile": compile_child}
+CHILDREN = {"long": long_child, "compile": compile_child, "gpu_train": gpu_train_child}
 
 
 class Context:
@@ -877,7 +968,7 @@ class Context:
 
 
 def main(argv=None) -> Report:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; numbers mean nothing")
@@ -891,6 +982,8 @@ def main(argv=None) -> Report:
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    parser.check(args.repeats is None or args.repeats >= 1, "--repeats", "must be >= 1")
+    parser.check(args.steps is None or args.steps >= 1, "--steps", "must be >= 1")
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)

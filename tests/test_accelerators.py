@@ -565,3 +565,20 @@ def test_launch_with_the_systems_jax(tmp_path):
         "launch.sh: ATTN_USE_SYSTEM_JAX=1, but python3 cannot import jax; install JAX there "
         "or unset ATTN_USE_SYSTEM_JAX"
     ]
+
+
+# ------------------------------------------------------------------ bench --workload gpu
+
+
+@pytest.mark.slow  # two train-step compilations: ~14 s on 2 cores
+def test_gpu_workload_pieces_run_at_smoke_size_on_a_cpu():
+    """The GPU benchmark's long-context child (ALiBi, auto, remat) and its data-parallel
+    scaling step run here at smoke size; on a GPU the same code runs at 8k/32k tokens."""
+    from experiments import bench
+
+    spec = {"kind": "gpu_train", "pe": "alibi", "impl": "auto", "length": 32, "smoke": True}
+    spec.update(model={"dtype": "bfloat16"}, remat="block", steps=1, repeats=1)
+    res = bench.gpu_train_child(spec)
+    assert res["steps_per_s"][0] > 0 and res["picked"] == ["dense"]
+    rates = bench._dp_rate(bench.lm_config("rope", True), 2, 2, 16, steps=1, repeats=1)
+    assert rates[0] > 0
