@@ -80,6 +80,9 @@ def validate_transformer(
     """
     H, D = cfg["num_heads"], cfg["d_model"]
     G = cfg["num_kv_heads"] or H
+    for field in ("num_layers", "d_model", "mlp_dim"):
+        require(cfg[field] > 0, f"model.{field}", f"must be positive, got {cfg[field]}")
+    require(cfg["head_dim"] >= 0, "model.head_dim", "must be >= 0 (0: d_model / num_heads)")
     require(H > 0 and G > 0, "model.num_heads", f"heads must be positive, got {H}, {G}")
     require(H % G == 0, "model.num_kv_heads", f"num_heads={H} must be a multiple of {G}")
     if not cfg["head_dim"]:

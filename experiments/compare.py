@@ -33,7 +33,6 @@ whose loss or metrics are not finite counts as diverged and stays out of the mea
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import metrics, plots
+from experiments.config_utils import ArgumentParser
 from experiments.workdir import atomic_write_text, read_jsonl
 
 FINAL = "final"
@@ -576,8 +576,8 @@ def compare(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.compare",
+    parser = ArgumentParser(
+        prog="compare",
         description="Tables and plots comparing the run directories under the given roots.",
     )
     parser.add_argument("roots", nargs="+", help="run directories or folders holding them")
@@ -602,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--length", type=int, default=None, help="evaluation length for maps")
     args = parser.parse_args(argv)
+    parser.check(args.length is None or args.length >= 1, "--length", "must be >= 1")
     try:
         report = compare(
             args.roots,

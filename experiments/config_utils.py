@@ -13,6 +13,7 @@ Configs follow the ml_collections convention of big_vision and the Flax examples
 `get_config(arg)` per file, scalar overrides as `--config.a.b=v`).
 """
 
+import argparse
 import glob
 import json
 import os
@@ -25,10 +26,24 @@ import ml_collections
 from attn.registry import ConfigError, lookup, merge_defaults
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the command-line tools: a bad argument is one line (`prog: error: ...`,
+    no usage block) and exit status 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def check(self, condition: bool, flag: str, message: str) -> None:
+        """One line naming `flag` (exit 2) unless condition holds."""
+        if not condition:
+            self.error(f"{flag}: {message}")
+
+
 def parse_arg(arg: str | None, allowed: Mapping[str, Any]) -> dict[str, Any]:
     """Parse 'k=v,k=v' over `allowed` (key -> default). Unknown or malformed keys: ConfigError.
 
-    Values keep their string form unless the default is an int, float or bool.
+    Values keep their string form unless the default is an int, float or bool; an empty
+    value (`pe=`) keeps the file's default.
     """
     values = dict(allowed)
     for item in filter(None, (arg or "").split(",")):
@@ -38,8 +53,8 @@ def parse_arg(arg: str | None, allowed: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config arg: {item!r} is not k=v; keys: {', '.join(allowed)}")
         if key not in allowed:
             raise ConfigError(f"config arg: unknown key {key!r}; keys: {', '.join(allowed)}")
-        default = allowed[key]
-        values[key] = _coerce(key, value.strip(), default)
+        if value.strip():
+            values[key] = _coerce(key, value.strip(), allowed[key])
     return values
 
 

@@ -102,6 +102,18 @@ class Evaluator:
             attention = 4 * m.num_layers * m.num_heads * head_dim * T
         return T * (2 * params + attention)
 
+    def check(self, lengths) -> dict:
+        """The evaluation sets at `lengths` (built now if they are not on disk yet); a
+        ConfigError naming a length whose set is empty (a text split shorter than it)."""
+        datasets = {n: self._batches(n) for n in lengths}
+        empty = [n for n, ds in datasets.items() if len(ds) == 0]
+        if empty:
+            raise ConfigError(
+                f"eval.lengths: no evaluation examples at length {empty[0]} (the task's "
+                "evaluation split is shorter than that); use shorter lengths"
+            )
+        return datasets
+
     def _batches(self, n: int):
         return input_pipeline.eval_batches(
             self.task,
@@ -117,7 +129,7 @@ class Evaluator:
         through log_row. After the first batch it logs what the whole grid will take. `stop`
         (a workdir.StopSignals) is checked between lengths: a signal raises Stopped."""
         model_state = model if isinstance(model, nnx.State) else nnx.split(model)[1]
-        datasets = {n: self._batches(n) for n in lengths}
+        datasets = self.check(lengths)
         params = sum(x.size for x in jax.tree.leaves(nnx.state(model_state, nnx.Param)))
         plan = {
             n: (len(ds), self._relative_cost(padded_length(self.task, self.layout, n), params))

@@ -17,7 +17,6 @@ Command line (thin; the driver restores the model):
     ./launch.sh generate --workdir runs/lm --prompt "def " --max_new_tokens 64 --temperature 0.8
 """
 
-import argparse
 import functools
 import os
 import sys
@@ -203,7 +202,9 @@ def score_incremental(model, tokens_BT, src=None, src_mask=None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from experiments.config_utils import ArgumentParser
+
+    parser = ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--prompt", required=True, help="text, or symbol indices for tasks")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -212,6 +213,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    parser.check(args.max_new_tokens >= 1, "--max_new_tokens", "must be >= 1")
+    parser.check(args.temperature >= 0, "--temperature", "must be >= 0 (0: greedy)")
+    parser.check(args.top_k >= 0, "--top_k", "must be >= 0 (0: no top-k filter)")
+    parser.check(0 < args.top_p <= 1, "--top_p", "must be in (0, 1] (1: no nucleus filter)")
+    parser.check(bool(args.prompt), "--prompt", "must not be empty")
 
     # The driver (and TFDS, orbax) load only here so the library part imports fast.
     import attn.models
@@ -219,19 +225,23 @@ def main(argv=None) -> int:
     from experiments import config_utils, state, tasks
     from experiments.workdir import RunError
 
-    path = os.path.join(args.workdir, "config.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"generate: {path} not found: not a run directory (train it first)")
-    config = config_utils.load_json(path)
-    layout = attn.models.batch_format(config.model.name, config.model)
-    if layout not in ("decoder", "seq2seq"):
-        raise SystemExit(f"generate: model {config.model.name!r} ({layout} layout) cannot decode")
-    task = tasks.build(config.task)
     try:
+        path = os.path.join(args.workdir, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"--workdir: {path} not found; not a run directory (train it first)")
+        config = config_utils.load_json(path)
+        layout = attn.models.batch_format(config.model.name, config.model)
+        if layout not in ("decoder", "seq2seq"):
+            raise ConfigError(
+                f"--workdir: model {config.model.name!r} ({layout} layout) cannot generate"
+            )
+        task = tasks.build(config.task)
+        parser.check(args.top_k <= task.vocab_size, "--top_k", f"at most {task.vocab_size}")
         ids = task.encode(args.prompt)
         graphdef, train_state, step = state.load_state(config, os.path.abspath(args.workdir))
     except (ConfigError, RunError) as e:
-        raise SystemExit(f"generate: {e}") from None
+        print(f"generate: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
     model = state.merge_model(graphdef, train_state)
     kw = {}
     if layout == "seq2seq":

@@ -44,16 +44,18 @@ def child_env(process_id: int, num_processes: int, port: int, devices: int) -> d
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from experiments.config_utils import ArgumentParser
+
+    parser = ArgumentParser(prog="multi", description=__doc__.splitlines()[0])
     parser.add_argument("--num_processes", type=int, required=True)
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--devices_per_process", type=int, default=1)
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then experiments.main flags")
     a = parser.parse_args(argv)
-    if a.num_processes < 1:
-        print("error: --num_processes: must be >= 1", file=sys.stderr)
-        return 2
+    parser.check(a.num_processes >= 1, "--num_processes", "must be >= 1")
+    parser.check(a.devices_per_process >= 1, "--devices_per_process", "must be >= 1")
+    parser.check(0 <= a.port <= 65535, "--port", "0 (a free one) or a TCP port up to 65535")
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     port = a.port or _free_port()
     cmd = [sys.executable, "-m", "experiments.main", "--mode", a.mode, *args]

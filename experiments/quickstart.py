@@ -10,7 +10,6 @@ skips the points already DONE and only redraws the report (`--fresh` starts over
         [--parallel N] [--fresh]
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -18,13 +17,14 @@ import time
 from pathlib import Path
 
 from experiments import compare, sweep
+from experiments.config_utils import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.py"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.quickstart", description=__doc__)
+    parser = ArgumentParser(prog="quickstart", description=__doc__)
     parser.add_argument("--workdir", default="runs/quickstart")
     parser.add_argument("--out", default="reports/quickstart")
     parser.add_argument(
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
     args = parser.parse_args(argv)
+    parser.check(args.parallel is None or args.parallel >= 1, "--parallel", "must be >= 1")
     config = os.path.relpath(CONFIG)
     if args.fresh and os.path.isdir(args.workdir):
         shutil.rmtree(args.workdir)

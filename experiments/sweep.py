@@ -67,6 +67,7 @@ from typing import Any
 
 from attn.registry import ConfigError
 from experiments import devices
+from experiments.config_utils import ArgumentParser
 from experiments.workdir import DONE, RunError, StopSignals, atomic_write_json, workdir_lock
 
 DRIVER = (sys.executable, "-m", "experiments.main", "--mode", "train")
@@ -594,8 +595,8 @@ def run_sweep(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.sweep",
+    parser = ArgumentParser(
+        prog="sweep",
         description="Run every point of a config's get_sweep() grid as an isolated subprocess.",
         epilog="Extra --config.<field>=<value> arguments apply to every point.",
     )
@@ -627,6 +628,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    parser.check(args.parallel is None or args.parallel >= 1, "--parallel", "must be >= 1")
+    parser.check(args.timeout is None or args.timeout > 0, "--timeout", "seconds, > 0")
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as e:
+            parser.error(f"--only: {args.only!r} is not a regular expression ({e})")
     try:
         status = run_sweep(
             args.config,

@@ -572,6 +572,7 @@ def run(config, workdir: str, *, eval_lengths=None) -> dict:
         graphdef, init, target = state_lib.initializer(config, device_mesh, tx)
         step_fn = make_train_step(config, graphdef, tx)  # its ConfigErrors before any compile
         evaluator = evaluate.Evaluator(config, device_mesh)
+        evaluator.check(resolve_eval_lengths(config, eval_lengths))  # before training, not after
         t = config.train
         with RunFiles(config, workdir, changes=changes) as files:
             state, start = files.restore(target)

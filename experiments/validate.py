@@ -120,6 +120,51 @@ def run_identity(config, workdir: str) -> dict:
     return resumable
 
 
+# Copies of the L x S logits a materialising implementation holds at once (logits,
+# probabilities, a mask or bias of the same size).
+MATERIALISED_COPIES = 3
+
+
+def machine_memory() -> int:
+    """Bytes one device can hold: the accelerator's limit, else the host's physical memory."""
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(config, task, layout, lengths) -> None:
+    """ConfigError when the longest evaluation's (or training's) attention logits alone would
+    not fit in the machine's memory: the implementations that materialise B x H x L x S
+    logits (reference, dense, xla, and auto for encodings and scorers that need them). The
+    chunked, cuDNN and flash paths hold O(L) and are not estimated."""
+    m = config.model
+    if "num_heads" not in m or "impl" not in m:
+        return  # recurrent and state-space models hold no attention logits
+    import attn.pe
+    import attn.scoring
+
+    needs = getattr(attn.pe.REGISTRY.get(m.pe.name), "needs_materialized_logits", False)
+    scorer = attn.scoring.REGISTRY.get(m.scorer.name)
+    needs = needs or getattr(scorer, "materialises_logits", False)
+    if not (m.impl in ("reference", "dense", "xla") or (m.impl == "auto" and needs)):
+        return
+    have = machine_memory()
+    for what, batch, n in (
+        ("evaluating", config.eval.batch_size, max(lengths)),
+        ("training", config.train.batch_size, task.max_train_length),
+    ):
+        T = padded_length(task, layout, n)
+        need = MATERIALISED_COPIES * batch * m.num_heads * T * T * 4
+        if need > have:
+            raise ConfigError(
+                f"model.impl: {what} at length {n} (batch {batch}) with impl {m.impl!r} needs "
+                f"about {need / 2**30:.1f} GiB of attention logits; this machine has "
+                f"{have / 2**30:.1f} GiB; lower the batch size or the lengths, or use "
+                "model.impl=chunked"
+            )
+
+
 def validate(config, *, workdir: str | None = None, eval_lengths=None) -> None:
     """Every configuration check that can fail, before anything is compiled."""
     task = tasks.build(config.task)
@@ -130,6 +175,7 @@ def validate(config, *, workdir: str | None = None, eval_lengths=None) -> None:
             f"{task.name!r} does not provide; layouts: {', '.join(task.layouts)}"
         )
     t = config.train
+    require(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
     require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
     require(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     for field in ("log_every", "ckpt_every"):
@@ -151,11 +197,17 @@ def validate(config, *, workdir: str | None = None, eval_lengths=None) -> None:
     require(
         config.eval.batch_size > 0, "eval.batch_size", f"must be positive: {config.eval.batch_size}"
     )
+    require(
+        config.eval.num_examples > 0,
+        "eval.num_examples",
+        f"must be positive, got {config.eval.num_examples} (an evaluation of nothing)",
+    )
     lengths = resolve_eval_lengths(config, eval_lengths)
     if t.eval_every:
         lengths = lengths + resolve_eval_lengths(config, during_training=True)
     longest = max(padded_length(task, layout, n) for n in [task.max_train_length, *lengths])
     attn.models.validate(config.model, vocab_size=task.vocab_size, max_length=longest)
+    check_memory(config, task, layout, lengths)
     data, _ = mesh.mesh_shape(config)
     require(
         t.batch_size % data == 0,

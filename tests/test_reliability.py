@@ -540,6 +540,9 @@ def test_nonfinite_skip_mode_counts_skips_and_finishes(tmp_path):
     assert rows and rows[-1]["step"] == 6
     skipped = [int(r["skipped"]) for r in rows]
     assert skipped == sorted(skipped) and skipped[-1] > 0, skipped
+    # Each row counts the updates skipped up to and including its own step (not one ahead).
+    nonfinite = [r["loss"] is None for r in rows]
+    assert skipped == [sum(nonfinite[: i + 1]) for i in range(len(rows))], (skipped, nonfinite)
     results = json.loads((workdir / "results.json").read_text())
     assert results["skipped_updates"] == skipped[-1]
     # The run says how much it skipped (the summary goes to stdout, in the run's log).
