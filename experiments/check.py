@@ -15,9 +15,11 @@
    the flash kernel with an ALiBi bias on a GPU or TPU; dense and XLA on a CPU) against
    chunked, within FUSED_TOLERANCE relative to the largest value.
 
-On a GPU or TPU the whole matrix takes a few minutes; on a CPU a reduced one (the encoder, two
-encodings, two implementations, a short length) takes under a minute, `--full` runs all of
-it. Exit
+By default a GPU or TPU runs both models with four encodings (none, RoPE, ALiBi, T5: no bias,
+rotation, a kernel bias, a bucketed table) and the implementations auto, cudnn, flash and
+chunked (a few minutes); a CPU runs a reduced set (the encoder, two encodings, two
+implementations, a short length) in under a minute. `--full` runs every encoding and
+implementation. Exit
 status 0 when every check passes, 1 otherwise; `--json PATH` also writes the results.
 
     ./launch.sh check [--full] [--models encoder] [--pes none,rope] [--impls auto,chunked]
@@ -44,6 +46,8 @@ IMPLS = {
     "cpu": ("auto", "chunked", "dense", "xla"),
 }
 MODELS = ("decoder", "encoder")
+DEFAULT_PES = ("none", "rope", "alibi", "t5")
+DEFAULT_IMPLS = {"gpu": ("auto", "cudnn", "flash", "chunked"), "tpu": ("auto", "flash", "chunked")}
 QUICK_MODELS, QUICK_PES, QUICK_IMPLS = ("encoder",), ("none", "alibi"), ("auto", "chunked")
 NO_BIAS = ("none", "sinusoidal", "learned", "rope", "xpos")
 STEPS = 3
@@ -243,8 +247,7 @@ def fused_vs_chunked(length: int, report) -> None:
     pairs = {
         "gpu": [("cudnn", None), ("flash", "alibi")],
         "tpu": [("flash", None), ("flash", "alibi")],
-        "cpu": [("dense", None), ("xla", None)],
-    }[backend]
+    }.get(backend, [("dense", None), ("xla", None)])
     q, k, v, mask = _attention_inputs(length)
     for impl, bias_name in pairs:
         name = f"{impl} vs chunked L={length}" + (f" bias={bias_name}" if bias_name else "")
@@ -300,7 +303,7 @@ class Report:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="the whole matrix on a CPU too")
+    parser.add_argument("--full", action="store_true", help="every encoding and implementation")
     parser.add_argument("--models", default=None, help="comma-separated: decoder,encoder")
     parser.add_argument("--pes", default=None, help="comma-separated encodings")
     parser.add_argument("--impls", default=None, help="comma-separated implementations")
@@ -326,9 +329,22 @@ def main(argv=None) -> int:
     problem = backend_problem(summary)
     if problem:
         report.fail("jax", "backend", problem)
+    full = args.full or backend not in DEFAULT_IMPLS and not quick
     models = args.models.split(",") if args.models else (QUICK_MODELS if quick else MODELS)
-    pes = args.pes.split(",") if args.pes else (QUICK_PES if quick else PES)
-    impls = args.impls.split(",") if args.impls else (QUICK_IMPLS if quick else IMPLS[backend])
+    pes = (
+        args.pes.split(",") if args.pes else (QUICK_PES if quick else PES if full else DEFAULT_PES)
+    )
+    impls = (
+        args.impls.split(",")
+        if args.impls
+        else (
+            QUICK_IMPLS
+            if quick
+            else IMPLS.get(backend, IMPLS["cpu"])
+            if full
+            else DEFAULT_IMPLS[backend]
+        )
+    )
     size = (
         {"layers": 1, "d_model": 32, "heads": 4, "head_dim": 8, "batch": 4, "length": 16}
         if quick
