@@ -306,10 +306,12 @@ class TransformerBase(nnx.Module):
         self.position_rng = rngs["positions"].fork()
         self.dropout = layers.Dropout(cfg["dropout"], rng=cfg["dropout_rng"], rngs=rngs)
 
-    def positions(self, batch_size: int, length: int, *, train: bool, mask_BL=None):
+    def positions(self, batch_size: int, length: int, *, train: bool, mask_BL=None, base_BL=None):
         """Positions from the sampler; the rng stream advances only in training, so an
         evaluation call mutates nothing (plain jax.jit / grad over a closed-over model work).
-        `mask_BL` (right padding) tells the sampler how many tokens of each row are real.
+        `mask_BL` (right padding) tells the sampler how many tokens of each row are real;
+        `base_BL` are the task's position ids (a batch's "positions"), which the sampler
+        transforms instead of 0..L-1 (attn/positions.py).
         """
         stream = self.position_rng
         if train:
@@ -317,7 +319,9 @@ class TransformerBase(nnx.Module):
         else:
             rng = jax.random.fold_in(stream.key[...], stream.count[...])
         valid_B = None if mask_BL is None else jnp.sum(mask_BL, axis=-1, dtype=jnp.int32)
-        return self.sampler(batch_size, length, train=train, rng=rng, valid_B=valid_B)
+        return self.sampler(
+            batch_size, length, train=train, rng=rng, valid_B=valid_B, base_BL=base_BL
+        )
 
     def _embed(self, tokens, pos, train):
         x = self.pe.embed(self.embedder.embed(tokens), pos)
@@ -367,7 +371,9 @@ class SingleStack(TransformerBase):
     def __call__(self, batch, *, train: bool, return_attention=()):
         tokens_BL = batch["inputs"]
         mask_BL = _token_mask(batch)
-        pos_BL = self.positions(*tokens_BL.shape, train=train, mask_BL=mask_BL)
+        pos_BL = self.positions(
+            *tokens_BL.shape, train=train, mask_BL=mask_BL, base_BL=batch.get("positions")
+        )
         x_BLD, maps = self.stack(
             self._embed(tokens_BL, pos_BL, train),
             pos_BL=pos_BL,
@@ -446,7 +452,9 @@ class EncoderDecoder(TransformerBase):
         )
         tokens_BL = batch["inputs"]
         mask_BL = _token_mask(batch)
-        pos_BL = self.positions(*tokens_BL.shape, train=train, mask_BL=mask_BL)
+        pos_BL = self.positions(
+            *tokens_BL.shape, train=train, mask_BL=mask_BL, base_BL=batch.get("positions")
+        )
         x_BLD, dec_maps = self.decoder(
             self._embed(tokens_BL, pos_BL, train),
             pos_BL=pos_BL,

@@ -113,7 +113,7 @@ class Looped(TransformerBase):
         tokens_BL = batch["inputs"]
         mask_BL = _token_mask(batch)
         B, L = tokens_BL.shape
-        pos_BL = self.positions(B, L, train=train, mask_BL=mask_BL)
+        pos_BL = self.positions(B, L, train=train, mask_BL=mask_BL, base_BL=batch.get("positions"))
         x_BLD = self._embed(tokens_BL, pos_BL, train)
         wanted = sorted({i for i in return_attention if 0 <= i < self.body.num_layers})
         require(

@@ -4,6 +4,15 @@ A sampler turns (batch size, length) into positions `pos_BL`; the positional enc
 (attn/pe/) decides what a position means. Keeping the two apart makes "randomized RoPE"
 a config combination (pe=rope, positions=randomized) rather than a new class.
 
+Positions from the task. A task may put position ids in its batch (`batch["positions"]`,
+int32 BT: Abacus digit places, coupled positions; experiments/tasks); the model hands them to
+the sampler as `base_BL`, and the sampler transforms them instead of 0..L-1. With task
+positions, id 0 means "no position" (Abacus' non-digit tokens, position coupling's BOS/EOS):
+every sampler leaves it at 0 and maps the ids >= 1 by a strictly increasing map into
+[1, ...), so tokens that share an id keep sharing one and order is kept. Without task
+positions every slot is moved, as before. Task ids are < L (a task's contract), so
+`max_position(L)` bounds them too.
+
 - "identity": 0..L-1 (int32).
 - "randomized": Ruoss et al. 2023, "Randomized Positional Encodings Boost Length
   Generalization of Transformers" (arXiv 2305.16843). During training, an ordered random
@@ -17,10 +26,19 @@ a config combination (pe=rope, positions=randomized) rather than a new class.
   (Chen et al. 2023, "Extending Context Window of Large Language Models via Positional
   Interpolation", arXiv 2306.15595), where factor = train length / eval length < 1 squeezes
   long inputs into the trained range.
+- "offset": a random offset k added during training, the same k for the whole batch (the
+  Abacus reference code, McLeish et al. 2024, "Transformers Can Do Arithmetic with the Right
+  Embeddings", arXiv 2405.17399: k ~ U{0..99}) or one per sequence (`per_sequence=True`:
+  position coupling, Cho et al. 2024, "Position Coupling: Improving Length Generalization of
+  Arithmetic Transformers Using Task Structure", arXiv 2405.20671, whose reference code draws
+  a random start per example). k ~ U{0..max_offset}; with `max_len` > 0 also
+  k <= max_len - 1 - (the row's largest id), so every id stays inside a table of max_len rows
+  (position coupling's start in [1, max_pos - len]); `max_offset=-1` leaves only that bound.
+  Off at evaluation unless `at_eval=True`.
 
-Interface (README "Interfaces"): `cls(cfg)`, `sampler(batch_size, length, *, train, rng) -> pos_BL`,
-`sampler.max_position(length) -> int`. Padding is on the right, so the positions of real
-tokens do not depend on how much padding follows.
+Interface (README "Interfaces"): `cls(cfg)`, `sampler(batch_size, length, *, train, rng,
+valid_B=None, base_BL=None) -> pos_BL`, `sampler.max_position(length) -> int`. Padding is on
+the right, so the positions of real tokens do not depend on how much padding follows.
 """
 
 import math
@@ -49,8 +67,10 @@ class Sampler:
         train: bool,
         rng: jax.Array | None = None,
         valid_B: jax.Array | None = None,
+        base_BL: jax.Array | None = None,
     ) -> jax.Array:
-        """pos_BL. `valid_B`: real tokens per row (right padding); None means all `length`."""
+        """pos_BL. `valid_B`: real tokens per row (right padding); None means all `length`.
+        `base_BL`: position ids from the task (module docstring); None means 0..L-1."""
         raise NotImplementedError
 
     def max_position(self, length: int) -> int:
@@ -61,12 +81,19 @@ def _identity(batch_size: int, length: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch_size, length))
 
 
-class Identity(Sampler):
-    """Positions 0..L-1 for every sequence."""
-
-    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None):
-        del train, rng, valid_B
+def _base(batch_size: int, length: int, base_BL) -> jax.Array:
+    """The positions a sampler transforms: the task's, else 0..L-1."""
+    if base_BL is None:
         return _identity(batch_size, length)
+    return jnp.asarray(base_BL, jnp.int32)
+
+
+class Identity(Sampler):
+    """Positions 0..L-1 for every sequence (the task's positions when it gives them)."""
+
+    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None, base_BL=None):
+        del train, rng, valid_B
+        return _base(batch_size, length, base_BL)
 
     def max_position(self, length: int) -> int:
         return length - 1
@@ -99,9 +126,9 @@ class Randomized(Sampler):
     def _active(self, train: bool) -> bool:
         return train or self.cfg["at_eval"]
 
-    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None):
+    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None, base_BL=None):
         if not self._active(train):
-            return _identity(batch_size, length)
+            return _base(batch_size, length, base_BL)
         max_len = self.cfg["max_len"]
         require(
             length <= max_len,
@@ -110,6 +137,9 @@ class Randomized(Sampler):
         )
         if rng is None:
             raise ValueError("randomized positions need an rng (the 'positions' stream)")
+        if base_BL is not None:
+            base_BL = jnp.asarray(base_BL, jnp.int32)
+            return self._map_task_positions(batch_size, length, rng, base_BL)
         if self.cfg["per_sequence"]:
             keys = jax.random.split(rng, batch_size)
             counts = jnp.full((batch_size,), length) if valid_B is None else valid_B
@@ -117,6 +147,18 @@ class Randomized(Sampler):
         # One vector per batch (Ruoss et al.'s code): sized for the longest real row.
         count = None if valid_B is None else jnp.max(valid_B)
         return jnp.broadcast_to(sorted_subset(rng, length, max_len, count), (batch_size, length))
+
+    def _map_task_positions(self, batch_size, length, rng, base_BL):
+        """Task id p >= 1 -> the p-th smallest of a sorted random subset of [0, max_len)
+        (which is >= p >= 1); id 0 stays 0."""
+        if self.cfg["per_sequence"]:
+            keys = jax.random.split(rng, batch_size)
+            subset_BL = jax.vmap(lambda key: sorted_subset(key, length, self.cfg["max_len"]))(keys)
+        else:
+            subset_L = sorted_subset(rng, length, self.cfg["max_len"])
+            subset_BL = jnp.broadcast_to(subset_L, (batch_size, length))
+        idx = jnp.clip(base_BL, 0, length - 1)
+        return jnp.where(base_BL > 0, jnp.take_along_axis(subset_BL, idx, axis=1), 0)
 
     def max_position(self, length: int) -> int:
         """max_len - 1 whenever the sampler can be active for this length, else length - 1."""
@@ -138,19 +180,78 @@ class Interpolated(Sampler):
         super().__init__(cfg)
         require(self.cfg["factor"] > 0, "positions.factor", "must be > 0")
 
-    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None):
+    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None, base_BL=None):
         del train, rng, valid_B
-        pos = jnp.arange(length, dtype=jnp.float32) * jnp.float32(self.cfg["factor"])
-        return jnp.broadcast_to(pos, (batch_size, length))
+        pos = _base(batch_size, length, base_BL).astype(jnp.float32)
+        return pos * jnp.float32(self.cfg["factor"])
 
     def max_position(self, length: int) -> int:
         return math.ceil((length - 1) * self.cfg["factor"])
+
+
+class Offset(Sampler):
+    """McLeish et al. 2024 (Abacus) and Cho et al. 2024 (position coupling): a random
+    offset k added to every position while training (module docstring)."""
+
+    DEFAULTS = {"max_offset": 99, "max_len": 0, "per_sequence": False, "at_eval": False}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        k, max_len = self.cfg["max_offset"], self.cfg["max_len"]
+        require(
+            isinstance(k, int) and k >= -1,
+            "positions.max_offset",
+            f"an int >= 0 (or -1: bounded by max_len alone), got {k!r}",
+        )
+        require(
+            isinstance(max_len, int) and max_len >= 0,
+            "positions.max_len",
+            f"an int >= 0 (0: no table bound), got {max_len!r}",
+        )
+        require(
+            k >= 0 or max_len > 0,
+            "positions.max_offset",
+            "-1 (bounded by max_len alone) needs positions.max_len > 0",
+        )
+
+    def __call__(self, batch_size, length, *, train, rng=None, valid_B=None, base_BL=None):
+        pos = _base(batch_size, length, base_BL)
+        if not (train or self.cfg["at_eval"]):
+            return pos
+        if rng is None:
+            raise ValueError("offset positions need an rng (the 'positions' stream)")
+        big = jnp.iinfo(jnp.int32).max
+        top_B = jnp.max(pos, axis=1)
+        if valid_B is not None and base_BL is None:  # padding slots carry no position
+            top_B = jnp.minimum(top_B, jnp.maximum(valid_B - 1, 0))
+        limit_B = jnp.full(
+            (batch_size,), big if self.cfg["max_offset"] < 0 else self.cfg["max_offset"]
+        )
+        if self.cfg["max_len"]:
+            limit_B = jnp.minimum(limit_B, self.cfg["max_len"] - 1 - top_B)
+        limit_B = jnp.maximum(limit_B, 0)
+        if self.cfg["per_sequence"]:
+            u_B = jax.random.uniform(rng, (batch_size,))
+        else:
+            u_B = jnp.broadcast_to(jax.random.uniform(rng, ()), (batch_size,))
+        # floor(u * (limit + 1)) is uniform on {0..limit}; float32 is exact enough here
+        k_B = jnp.minimum(
+            jnp.floor(u_B * (limit_B.astype(jnp.float32) + 1.0)).astype(jnp.int32), limit_B
+        )
+        moved = pos + k_B[:, None]
+        return moved if base_BL is None else jnp.where(pos > 0, moved, 0)
+
+    def max_position(self, length: int) -> int:
+        if self.cfg["max_len"]:
+            return max(self.cfg["max_len"], length) - 1
+        return length - 1 + self.cfg["max_offset"]
 
 
 REGISTRY: dict[str, type[Sampler]] = {
     "identity": Identity,
     "randomized": Randomized,
     "interpolated": Interpolated,
+    "offset": Offset,
 }
 
 

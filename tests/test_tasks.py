@@ -243,7 +243,134 @@ def _associative_recall(x, y, m, task):
     assert y == [table[q] for q in x[len(pairs) + 1 :]]
 
 
+def _strip(x, task):
+    """A ragged task's input without its fill padding."""
+    return x[: len(x) - next((i for i, t in enumerate(reversed(x)) if t != task.fill), len(x))]
+
+
+def _arithmetic(op):
+    def check(x, y, m, task):
+        x = _strip(x, task)
+        k = x.index(task.op)
+        a_tok, b_tok = x[:k], x[k + 1 :]
+        y = y[: sum(m)]
+        assert m == [True] * len(y) + [False] * (len(m) - len(y))
+        offsets = set()
+
+        def number(tokens, reverse):
+            if task.hints:
+                hints, digits = tokens[0::2], tokens[1::2]
+                # a hint names its digit's significance (1 = least significant), from an offset
+                sig = range(1, len(digits) + 1) if reverse else range(len(digits), 0, -1)
+                offsets.update(h - 10 - (s - 1) for h, s in zip(hints, sig, strict=True))
+            else:
+                digits = tokens
+            assert all(0 <= d < 10 for d in digits)
+            return digits[::-1] if reverse else digits
+
+        a = number(a_tok, task.cfg["reverse_operands"])
+        b = number(b_tok, task.cfg["reverse_operands"])
+        got = number(y, task.cfg["reverse_answer"])
+        assert len(offsets) <= 1  # one hint sequence shared by both operands and the answer
+        if task.cfg["pad"]:
+            assert len(a) == len(b)
+            width = len(a) + 1 if op is int.__add__ else 2 * len(a)
+        else:
+            assert a[0] != 0 or len(a) == 1
+            assert b[0] != 0 or len(b) == 1
+            width = 0
+        want = str(op(int("".join(map(str, a))), int("".join(map(str, b))))).zfill(width)
+        assert "".join(map(str, got)) == want
+        return False
+
+    return check
+
+
+def _number_sort(x, y, m, task):
+    x, y = _strip(x, task), y[: sum(m)]
+    comma, rev = task.COMMA, task.cfg["reverse_operands"]
+
+    def numbers(tokens):
+        out, cur = [], []
+        for t in [*tokens, comma]:
+            if t == comma:
+                out.append(int("".join(map(str, cur[::-1] if rev else cur))))
+                cur = []
+            else:
+                cur.append(t)
+        return out
+
+    assert numbers(y) == sorted(numbers(x))
+    assert sorted(y) == sorted(x)  # the same digits, written the same way
+    return False
+
+
+def _needle(x, y, m, task):
+    c = task.cfg
+    q = x.index(task.query)
+    haystack, asked = x[:q], x[q + 1 :]
+    table = {}
+    for i, t in enumerate(haystack):
+        if 10 <= t < 10 + c["num_keys"]:
+            assert t not in table
+            table[t] = haystack[i + 1 : i + 1 + c["value_digits"]]
+    assert len(table) == c["num_needles"] and len(asked) == c["num_queries"]
+    fillers = [t for t in haystack if t >= 10 + c["num_keys"]]
+    assert len(haystack) - len(fillers) == c["num_needles"] * (1 + c["value_digits"])
+    assert y == [d for k in asked for d in table[k]]
+
+
+def _flip_flop(x, y, m, task):
+    ops, bits = x[0::2], x[1::2]
+    assert ops[0] == 2 and ops[-1] == 3  # starts with a write, ends with a read
+    last = None
+    for op, bit, want, read in zip(ops, bits, y, m, strict=True):
+        assert read == (op == 3)
+        if op == 2:
+            last = bit
+        if op == 3:
+            assert bit == last == want
+    return False
+
+
+def _scan_meaning(words):
+    if "and" in words:
+        i = words.index("and")
+        return _scan_meaning(words[:i]) + _scan_meaning(words[i + 1 :])
+    if "after" in words:
+        i = words.index("after")
+        return _scan_meaning(words[i + 1 :]) + _scan_meaning(words[:i])
+    if words[-1] in ("twice", "thrice"):
+        return _scan_meaning(words[:-1]) * (2 if words[-1] == "twice" else 3)
+    act = [] if words[0] == "turn" else [words[0].upper()]
+    if len(words) == 1:
+        return act
+    turn = "LTURN" if words[-1] == "left" else "RTURN"
+    if words[1] == "opposite":
+        return [turn, turn, *act]
+    if words[1] == "around":
+        return [turn, *act] * 4
+    return [turn, *act]
+
+
+def _scan(x, y, m, task):
+    from experiments.tasks import scan
+
+    names = (*scan.ACTIONS, *scan.WORDS)
+    words = [names[t] for t in _strip(x, task)]
+    y = y[: sum(m)]
+    assert [names[t] for t in y] == _scan_meaning(words)
+    return False
+
+
 CHECKERS = {
+    "long_addition": _arithmetic(int.__add__),
+    "long_multiplication": _arithmetic(int.__mul__),
+    "number_sort": _number_sort,
+    "passkey": _needle,
+    "needle": _needle,
+    "flip_flop": _flip_flop,
+    "scan": _scan,
     "even_pairs": _even_pairs,
     "parity_check": _parity,
     "parity": _parity,

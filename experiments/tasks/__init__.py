@@ -1,5 +1,8 @@
 """Task registry: formal languages (Deletang et al. 2023), algorithmic prompt->answer tasks
-(Kazemnejad et al. 2023) and byte-level text corpora (Press et al. 2022 evaluation).
+(Kazemnejad et al. 2023), byte-level text corpora (Press et al. 2022 evaluation), and the
+2024-25 frontier: arithmetic with operands of independent lengths and number sorting
+(arithmetic.py), passkey / needle retrieval and the flip-flop language (retrieval.py), and the
+SCAN length split (scan.py).
 
 `REGISTRY[name]` is a Task class with `DEFAULTS` (its config fields, including the training
 length distribution and evaluation lengths); `build(cfg)` turns a config task block
@@ -8,11 +11,19 @@ PAD=0, BOS=1, SEP=2 (also EOS), BLANK=3; task symbols start at NUM_SPECIAL=4.
 """
 
 from attn.registry import lookup
-from experiments.tasks import algorithmic, formal, text
+from experiments.tasks import algorithmic, arithmetic, formal, retrieval, scan, text
 from experiments.tasks.base import BLANK, BOS, EOS, NUM_SPECIAL, PAD, SEP, Task
 
 REGISTRY: dict[str, type[Task]] = {
-    cls.NAME: cls for cls in (*formal.TASKS, *algorithmic.TASKS, *text.TASKS)
+    cls.NAME: cls
+    for cls in (
+        *formal.TASKS,
+        *algorithmic.TASKS,
+        *text.TASKS,
+        *arithmetic.TASKS,
+        *retrieval.TASKS,
+        *scan.TASKS,
+    )
 }
 
 

@@ -37,7 +37,14 @@ LENGTH_STREAM = 3
 
 LENGTH_KINDS = ("fixed", "uniform", "curriculum")
 # Config fields that choose lengths, not what an example of a given length looks like.
-LENGTH_FIELDS = ("train_lengths", "min_length", "max_length", "curriculum_steps", "eval_lengths")
+LENGTH_FIELDS = (
+    "train_lengths",
+    "min_length",
+    "max_length",
+    "curriculum_steps",
+    "eval_lengths",
+    "grid_lengths",
+)
 
 
 def task_id(name: str) -> int:
@@ -259,6 +266,65 @@ class Task:
             "output": np.asarray(y, np.int32) + NUM_SPECIAL,
             "output_mask": np.asarray(m, bool),
         }
+
+
+class RaggedTask(Task):
+    """A task whose rows differ in length inside one batch (operands of independent lengths,
+    SCAN commands), and which may give the model position ids of its own.
+
+    In task-symbol space `sample` still returns fixed shapes: inputs padded on the right with
+    `fill` (the last input symbol, which a model never sees) and outputs with 0 under a False
+    mask, so the shared checks and evaluation sets hold as for every task. The batches strip
+    that padding (`rows`) and lay the rows out with `layouts.format_rows`: every row is right
+    padded to the batch's bucket and every real output token is scored.
+
+    Position ids (README "Interfaces", attn/positions.py): `row_positions(x, y)` returns the
+    ids of the input tokens, of the separator and of the output tokens of one row, or None
+    for no positions (the default); ids are >= 0, 0 meaning "no position", and smaller than
+    the padded length. They reach the model as the batch's "positions".
+    """
+
+    @property
+    def fill(self) -> int:
+        return self.alphabet_size - 1
+
+    def rows(self, x_BN, y_BM, m_BM) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(input, output) of each row, padding stripped (outputs: the masked-in prefix)."""
+        out = []
+        for x, y, m in zip(x_BN, y_BM, m_BM, strict=True):
+            real = np.flatnonzero(np.asarray(x) != self.fill)
+            out.append(
+                (np.asarray(x[: real[-1] + 1 if len(real) else 0]), np.asarray(y[: int(np.sum(m))]))
+            )
+        return out
+
+    def row_positions(self, x: np.ndarray, y: np.ndarray):
+        """(input ids, separator id, output ids) of one row, or None (no task positions)."""
+        del x, y
+        return None
+
+    def lay_out(self, rows, layout: str) -> dict[str, np.ndarray]:
+        """Rows of task symbols -> one batch in `layout` (with the task's positions)."""
+        positions = [self.row_positions(x, y) for x, y in rows]
+        if any(p is None for p in positions):
+            positions = None
+        return layouts.format_rows(
+            [x + NUM_SPECIAL for x, _ in rows],
+            [y + NUM_SPECIAL for _, y in rows],
+            layout,
+            positions=positions,
+        )
+
+    def train_batch(self, rng, n, batch_size, layout):
+        return self.lay_out(self.rows(*self.batch(rng, n, batch_size)), layout)
+
+    def eval_batch(self, records, layout):
+        rows = self.rows(
+            [np.asarray(r["input"]) - NUM_SPECIAL for r in records],
+            [np.asarray(r["output"]) - NUM_SPECIAL for r in records],
+            [np.asarray(r["output_mask"]) for r in records],
+        )
+        return self.lay_out(rows, layout)
 
 
 def full_mask(batch: int, m: int) -> np.ndarray:

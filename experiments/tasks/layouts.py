@@ -9,7 +9,8 @@ Layouts (all numpy, batch-major, pad id 0 on the right, T padded to `bucket_leng
              tasks seq is a window of the corpus and every token is scored (`format_lm`).
   "seq2seq"  src = task input (padded to bucket_length(|x|)), inputs = BOS + output[:-1],
              targets = output, loss_mask = output mask; adds "src" and "src_mask".
-Keys: inputs/targets int32 BT, loss_mask float32 BT, token_mask bool BT (True on real tokens).
+Keys: inputs/targets int32 BT, loss_mask float32 BT, token_mask bool BT (True on real tokens),
+and "positions" (int32 BT) when the task supplies position ids (`format_rows`).
 
 Length buckets: T is rounded up to the next of 16, 24, 32, 48, 64, 96, 128, 192, ...
 (powers of two and 1.5x powers of two, all multiples of 8), so padding wastes at most a third
@@ -96,6 +97,77 @@ def format_batch(x_BN, y_BM, mask_BM, layout: str) -> dict[str, np.ndarray]:
         "loss_mask": loss,
         "token_mask": np.arange(t)[None, :].repeat(b, 0) < real,
     }
+
+
+def format_rows(x_rows, y_rows, layout: str, *, positions=None) -> dict[str, np.ndarray]:
+    """Lay out rows of different lengths (ids already shifted by NUM_SPECIAL), each as
+    `format_batch` lays out one row with every output token scored, right padded to the
+    bucket of the longest row.
+
+    positions: None, or per row the task's position ids (experiments/tasks/base.py
+    `RaggedTask.row_positions`) as (x_ids, sep_id, y_ids); they become the batch's
+    "positions" (int32 BT, 0 on padding): x + SEP + y for the decoder (its inputs), x + y for
+    the encoder (the answer slots take y's ids). The seq2seq layout takes no positions.
+    """
+    b = len(x_rows)
+    n = np.array([len(x) for x in x_rows])
+    m = np.array([len(y) for y in y_rows])
+    if layout == "seq2seq":
+        if positions is not None:
+            raise ConfigError("layout: task positions need the decoder or encoder layout")
+        s, t = bucket_length(int(n.max())), bucket_length(int(m.max()))
+        out = {
+            "inputs": np.zeros((b, t), np.int32),
+            "targets": np.zeros((b, t), np.int32),
+            "loss_mask": np.zeros((b, t), np.float32),
+            "token_mask": np.arange(t)[None, :] < m[:, None],
+            "src": np.zeros((b, s), np.int32),
+            "src_mask": np.arange(s)[None, :] < n[:, None],
+        }
+        for i, (x, y) in enumerate(zip(x_rows, y_rows, strict=True)):
+            out["src"][i, : n[i]] = x
+            out["inputs"][i, 0] = BOS
+            out["inputs"][i, 1 : m[i]] = y[:-1]
+            out["targets"][i, : m[i]] = y
+            out["loss_mask"][i, : m[i]] = 1.0
+        return out
+    if layout not in ("encoder", "decoder"):
+        raise ConfigError(f"layout: unknown {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    decoder = layout == "decoder"
+    real = n + m + (1 if decoder else 0)
+    t = bucket_length(int(real.max()))
+    inputs = np.zeros((b, t), np.int32)
+    targets = np.zeros((b, t), np.int32)
+    loss = np.zeros((b, t), np.float32)
+    pos = None if positions is None else np.zeros((b, t), np.int32)
+    for i, (x, y) in enumerate(zip(x_rows, y_rows, strict=True)):
+        ni, mi = n[i], m[i]
+        inputs[i, :ni] = x
+        if decoder:
+            inputs[i, ni] = SEP
+            inputs[i, ni + 1 : ni + mi + 1] = y
+            targets[i, : ni - 1] = x[1:]
+            targets[i, ni - 1] = SEP
+            targets[i, ni : ni + mi] = y
+            targets[i, ni + mi] = EOS
+            loss[i, ni : ni + mi + 1] = 1.0
+        else:
+            inputs[i, ni : ni + mi] = BLANK
+            targets[i, ni : ni + mi] = y
+            loss[i, ni : ni + mi] = 1.0
+        if pos is not None:
+            px, psep, py = positions[i]
+            row = [*px, psep, *py] if decoder else [*px, *py]
+            pos[i, : len(row)] = row
+    out = {
+        "inputs": inputs,
+        "targets": targets,
+        "loss_mask": loss,
+        "token_mask": np.arange(t)[None, :] < real[:, None],
+    }
+    if pos is not None:
+        out["positions"] = pos
+    return out
 
 
 def format_lm(tokens_BL1) -> dict[str, np.ndarray]:
