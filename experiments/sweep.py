@@ -37,11 +37,19 @@ accelerator (a small model spread over 8 GPUs spends its steps in all-reduces). 
 the flag sets each child's number of emulated devices (XLA_FLAGS) and `--parallel` alone
 decides how many run.
 
+SLURM: `--backend slurm` submits the same programs as one job array through submitit
+instead of running them here (experiments/slurm.py: resources from --slurm_* flags or the
+config file's `sweep_slurm`, `--parallel` as the array's parallelism), and writes the same
+sweep_status.json, so --only, resuming, the failure listing and compare behave the same.
+`--status WORKDIR` shows every point of a sweep (queued, running, done, failed, stopped)
+whichever backend ran it, asking squeue/sacct for the SLURM one.
+
 Usage:
     python -m experiments.sweep --config configs/quickstart.py --workdir runs/quickstart \
         [--parallel 2] [--devices_per_run 1] [--only 'pe=(alibi|rope)'] [--vmap_seeds] \
-        [--dry_run] \
+        [--dry_run] [--backend slurm --slurm_partition gpu --slurm_gpus 1 --slurm_time 240] \
         [--config.train.steps=100 ...]   # extra overrides applied to every point
+    python -m experiments.sweep --status runs/quickstart
 """
 
 from __future__ import annotations
@@ -537,8 +545,16 @@ def run_sweep(
     driver: Sequence[str] | None = None,
     seeds_driver: Sequence[str] | None = None,
     probe=devices.probe,
+    backend: str = "local",
+    slurm_flags: Mapping[str, Any] | None = None,
+    wait: bool = True,
+    poll: float = 10.0,
 ) -> dict:
     """Run every unfinished point; return the status dict (also in workdir/sweep_status.json).
+
+    backend="slurm" submits the points as a SLURM job array instead (experiments/slurm.py:
+    `slurm_flags` are its options over the config file's `sweep_slurm`; wait=False returns
+    once submitted; `poll` is the seconds between looks at the queue).
 
     vmap_seeds=None reads the config file's `sweep_vmap_seeds`. `driver` is the command that
     trains one point, DRIVER by default (tests substitute a stub). parallel=None: as many as
@@ -551,11 +567,37 @@ def run_sweep(
         raise SweepError(f"--only: {only!r} matches no point of the grid")
     if driver is None:  # the real driver: its points must match the runs in their workdirs
         points = check_drift(module, points)
+    options = None
+    if backend == "slurm":
+        options = _slurm_options(
+            module, config_spec, parallel, devices_per_run, timeout, slurm_flags
+        )
     if vmap_seeds is None:
         wanted = getattr(module, "sweep_vmap_seeds", False)
         if callable(wanted):
             wanted = _call_with_arg(wanted, split_config_spec(config_spec)[1])
-        vmap_seeds = default_backend() != "cpu" if wanted == "accelerator" else bool(wanted)
+        if wanted == "accelerator":  # a SLURM task has an accelerator if it asks for GPUs
+            vmap_seeds = bool(options.gpus) if options else default_backend() != "cpu"
+        else:
+            vmap_seeds = bool(wanted)
+    if options is not None:
+        from experiments import slurm
+
+        status = slurm.run_sweep(
+            config_spec,
+            workdir,
+            points,
+            make_jobs=lambda todo: make_jobs(
+                todo, vmap_seeds=vmap_seeds, driver=driver, seeds_driver=seeds_driver
+            ),
+            options=options,
+            wait=wait,
+            poll=poll,
+            dry_run=dry_run,
+        )
+        if status and wait and not status.get("detached"):
+            report(status, [p.name for p in points], workdir)
+        return status
     pool = _device_pool(module, points, probe(), devices_per_run)
     if parallel is None:
         parallel = (pool.capacity if pool else None) or 1
@@ -579,19 +621,51 @@ def run_sweep(
         sweep._set([])
         print("[sweep] stopped; re-run the same command to resume the points that are not DONE")
         return sweep.status
-    failed = sweep.failures()
-    sweep.status["failed"] = sorted(failed)
-    sweep._set([])
+    report(sweep.status, sweep.names, workdir)
+    return sweep.status
+
+
+def report(status: dict, names: Sequence[str], workdir: str | Path) -> None:
+    """Record and print the points of `names` that are not DONE (either backend)."""
+    failed = {n: status["points"][n] for n in names if status["points"][n]["status"] != "done"}
+    status["failed"] = sorted(failed)
+    status["updated"] = _now()
+    atomic_write_json(Path(workdir) / STATUS_FILE, status)
     if failed:
-        print(f"[sweep] {len(failed)} of {len(points)} points FAILED:", flush=True)
+        print(f"[sweep] {len(failed)} of {len(names)} points FAILED:", flush=True)
         for name, s in failed.items():
             print(
                 f"  {name}: exit {s.get('returncode')}: {s.get('error')}\n    log: {s.get('log')}"
             )
         print("[sweep] re-run the same command to retry only the points that are not DONE")
     else:
-        print(f"[sweep] all {len(points)} points DONE; status in {Path(workdir) / STATUS_FILE}")
-    return sweep.status
+        print(f"[sweep] all {len(names)} points DONE; status in {Path(workdir) / STATUS_FILE}")
+
+
+def _slurm_options(module, config_spec, parallel, devices_per_run, timeout, flags):
+    """SLURM options: the config file's `sweep_slurm` (a dict, or a callable of the :arg)
+    under the flags given; the local backend's device and timeout flags are refused."""
+    from experiments import slurm
+
+    if devices_per_run is not None:
+        raise SweepError(
+            "--devices_per_run: a local-backend flag; with --backend slurm each task gets "
+            "--slurm_gpus GPUs"
+        )
+    if timeout is not None:
+        raise SweepError(
+            "--timeout: a local-backend flag; with --backend slurm the time limit is "
+            "--slurm_time (minutes)"
+        )
+    from_config = getattr(module, "sweep_slurm", None)
+    if callable(from_config):
+        from_config = _call_with_arg(from_config, split_config_spec(config_spec)[1])
+    if from_config is not None and not isinstance(from_config, Mapping):
+        raise SweepError(f"sweep_slurm: a dict of {', '.join(slurm.OPTION_KEYS)}")
+    flags = dict(flags or {})
+    if parallel is not None:
+        flags["array_parallelism"] = parallel
+    return slurm.options_from(from_config, **flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -600,8 +674,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run every point of a config's get_sweep() grid as an isolated subprocess.",
         epilog="Extra --config.<field>=<value> arguments apply to every point.",
     )
-    parser.add_argument("--config", required=True, help="config file with get_sweep(), [:arg]")
-    parser.add_argument("--workdir", required=True, help="root; one sub-directory per point")
+    parser.add_argument("--config", help="config file with get_sweep(), [:arg]")
+    parser.add_argument("--workdir", help="root; one sub-directory per point")
+    parser.add_argument(
+        "--status",
+        metavar="WORKDIR",
+        default=None,
+        help="show the points of the sweep in WORKDIR (queued, running, done, failed) and exit",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("local", "slurm"),
+        default="local",
+        help="local subprocesses, or a SLURM job array through submitit (experiments/slurm.py)",
+    )
     parser.add_argument(
         "--parallel",
         type=int,
@@ -624,10 +710,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per program")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    slurm = parser.add_argument_group("--backend slurm (default: the config's sweep_slurm)")
+    slurm.add_argument("--slurm_partition", default=None, help="partition to submit to")
+    slurm.add_argument("--slurm_time", type=int, default=None, help="minutes per task (240)")
+    slurm.add_argument("--slurm_mem", type=float, default=None, help="GB of memory per task")
+    slurm.add_argument("--slurm_gpus", type=int, default=None, help="GPUs per task (--gres)")
+    slurm.add_argument("--slurm_cpus", type=int, default=None, help="CPUs per task")
+    slurm.add_argument(
+        "--slurm_param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. account=abc or qos=high (repeatable)",
+    )
+    slurm.add_argument(
+        "--no_wait", action="store_true", help="submit and return (follow with --status)"
+    )
+    slurm.add_argument("--poll", type=float, default=10.0, help="seconds between queue looks")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.status is not None:
+        return show_status(args.status)
+    if not args.config or not args.workdir:
+        parser.error("the following arguments are required: --config, --workdir")
+    parser.check(args.poll > 0, "--poll", "seconds, > 0")
     parser.check(args.parallel is None or args.parallel >= 1, "--parallel", "must be >= 1")
     parser.check(args.timeout is None or args.timeout > 0, "--timeout", "seconds, > 0")
     if args.only is not None:
@@ -646,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_flags=extra,
             timeout=args.timeout,
             dry_run=args.dry_run,
+            backend=args.backend,
+            slurm_flags=_slurm_flags(args) if args.backend == "slurm" else None,
+            wait=not args.no_wait,
+            poll=args.poll,
         )
     except (SweepError, ConfigError) as e:
         print(f"sweep: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -653,9 +765,98 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as e:
         print(f"sweep: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
-    if status.get("stopped"):
-        return 128 + int(getattr(signal, status["stopped"]))
+    stopped = status.get("stopped") or status.get("detached")
+    if stopped:
+        return 128 + int(getattr(signal, stopped))
     return 1 if status.get("failed") else 0
+
+
+def _slurm_flags(args) -> dict:
+    from experiments import slurm
+
+    return {
+        "partition": args.slurm_partition,
+        "time_min": args.slurm_time,
+        "mem_gb": args.slurm_mem,
+        "gpus": args.slurm_gpus,
+        "cpus": args.slurm_cpus,
+        "params": slurm.parse_params(args.slurm_param),
+    }
+
+
+STATUS_ORDER = ("running", "queued", "pending", "failed", "stopped", "not started", "done")
+
+
+def _local_sweep_alive(root: Path) -> bool:
+    """Whether a local sweep holds the root's lock (a crashed one does not)."""
+    import fcntl
+
+    try:
+        fd = os.open(root / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no flock on this filesystem: cannot tell
+    finally:
+        os.close(fd)  # closing the descriptor drops a lock we took
+    return False
+
+
+def show_status(workdir: str | Path) -> int:
+    """`--status WORKDIR`: every point of the sweep and where it is, for either backend (the
+    SLURM one asks the queue first and records what it learns when no sweep holds WORKDIR)."""
+    root = Path(workdir)
+    status = _read_json(root / STATUS_FILE)
+    if not status or not isinstance(status.get("points"), dict):
+        print(f"sweep: no {STATUS_FILE} in {root}: not a sweep workdir", file=sys.stderr)
+        return 2
+    backend = status.get("backend", "local")
+    points = status["points"]
+    if backend == "slurm":
+        import shutil
+
+        from experiments import slurm
+
+        if shutil.which("squeue") is None:
+            print("(no squeue on this machine: the states as last recorded)")
+        if slurm.refresh(status, root=root):
+            with contextlib.suppress(RunError, OSError), workdir_lock(root):
+                atomic_write_json(root / STATUS_FILE, status)
+    elif not _local_sweep_alive(root):
+        for s in points.values():  # left by a sweep that was killed
+            if s["status"] in ("running", "pending"):
+                s["status"] = "not started" if s["status"] == "pending" else "interrupted"
+    counts: dict[str, int] = {}
+    for s in points.values():
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    order = [k for k in STATUS_ORDER if k in counts] + sorted(set(counts) - set(STATUS_ORDER))
+    print(
+        f"{root}: {backend} sweep of {status.get('config')}, {len(points)} points: "
+        + ", ".join(f"{counts[k]} {k}" for k in order)
+        + f" (updated {status.get('updated')})"
+    )
+    rank = {k: i for i, k in enumerate(order)}
+    width = max(len(n) for n in points)
+    for name, s in sorted(points.items(), key=lambda kv: rank[kv[1]["status"]]):
+        line = f"  {name:<{width}}  {s['status']:<11}"
+        if s.get("slurm_job"):
+            line += f" job {s['slurm_job']}"
+        if s["status"] == "running" and s.get("host"):
+            line += f" on {s['host']}"
+        if s["status"] == "queued" and s.get("reason"):
+            line += f" ({s['reason']})"
+        if s["status"] == "done" and s.get("seconds") is not None:
+            line += f" {s['seconds']:.0f} s"
+        if s["status"] in ("failed", "stopped", "interrupted"):
+            line += f" exit {s.get('returncode')}: {s.get('error')}\n    log: {s.get('log')}"
+        print(line.rstrip())
+    if any(s["status"] != "done" for s in points.values()):
+        print(f"re-running the sweep's command resumes the points that are not DONE ({root})")
+    return 0
 
 
 if __name__ == "__main__":
