@@ -34,9 +34,12 @@ usage: ./launch.sh [MODE] [ARGS...]
 modes:
   (none)        set up .venv if missing, then run the quickstart ablation (6 encodings, 1 task)
   test          run the test suite (pytest, slow tests excluded); extra args go to pytest
+  test-cluster  the tests that start a real single-node SLURM (tests/test_slurm.py, minutes; as
+                root, installs slurm-wlm and munge with apt-get if missing)
   train         train a config:      ./launch.sh train --config configs/formal.py:pe=alibi --workdir runs/a
   eval          evaluate a workdir:  ./launch.sh eval --workdir runs/a [--lengths 40,80,160]
   sweep         run a config's grid: ./launch.sh sweep --config configs/quickstart.py --workdir runs/q
+                [--backend slurm --slurm_partition P ...]; where its points are: --status runs/q
   compare       tables and plots:    ./launch.sh compare runs/q [runs/r ...] --out reports/q
   bench         benchmarks:          ./launch.sh bench [--workload w1 ...]
   generate      sample from a run:   ./launch.sh generate --workdir runs/lm --prompt "def "
@@ -233,6 +236,10 @@ main() {
       export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
       run_py -m pytest -q -n 2 --dist loadfile "$@"
       ;;
+    test-cluster)
+      ensure_env
+      run_py -m pytest -q -m cluster tests/test_slurm.py "$@"
+      ;;
     quickstart)
       ensure_env
       run_py -m experiments.quickstart "$@"
@@ -276,7 +283,7 @@ main() {
       run_py -m experiments.multi --num_processes "$n" --mode "$sub" -- "$@"
       ;;
     *)
-      echo "launch.sh: unknown mode '$mode'; valid modes: test train eval sweep compare bench generate multi check device-check wheels setup --help" >&2
+      echo "launch.sh: unknown mode '$mode'; valid modes: test test-cluster train eval sweep compare bench generate multi check device-check wheels setup --help" >&2
       exit 2
       ;;
   esac
