@@ -24,6 +24,12 @@ writes to --out:
   one line per row with a +- one standard deviation band, chance and training length marked.
 - `attention_<run>.png` for each `--attention RUN` at `--length N`: every head of every layer
   on one evaluation example, from the run's last checkpoint (the model's return_attention).
+- with `--grid`, for runs of a task with two lengths (long_addition, long_multiplication,
+  number_sort): `grid.md` (per setting, exact match over len a x len b, mean over seeds),
+  `grid.csv` (one line per setting and cell: mean, std, n) and `grid_heatmaps.png` (one
+  heatmap per setting, the training region outlined), from each run's `grid.json`
+  (experiments/grid.py); a run that has none is evaluated on its grid first (with the run's
+  lock, written into the run directory), `--grid_lengths` and `--grid_examples` choosing it.
 
 A run directory whose results file cannot be read is skipped with one line naming it; a run
 whose loss or metrics are not finite counts as diverged and stays out of the means.
@@ -540,8 +546,12 @@ def compare(
     pool: Sequence[str] = (),
     attention: Sequence[str] = (),
     length: int | None = None,
+    grid: bool = False,
+    grid_lengths: Sequence[int] | None = None,
+    grid_examples: int | None = None,
 ) -> dict:
-    """Write table.md, table.csv, length_curves.png (and attention maps) into `out`."""
+    """Write table.md, table.csv, length_curves.png (and attention maps, and with `grid` the
+    2-D operand-length tables and heatmaps) into `out`."""
     if attention and (length is None or length < 1):
         raise CompareError("--length: a positive evaluation length is needed with --attention")
     runs, skipped = load_all(roots, eval_name)
@@ -572,7 +582,17 @@ def compare(
         files.append(
             plots.plot_attention(weights, out / f"attention_{name}.png", tokens=tokens, title=title)
         )
-    return {"rows": rows, "table": table, "files": files, "runs": len(runs), "skipped": skipped}
+    report = {"rows": rows, "table": table, "files": files, "runs": len(runs), "skipped": skipped}
+    if grid:
+        from experiments import grid as grid_lib
+
+        g = grid_lib.compare_grids(
+            roots, out, pool=pool, lengths=grid_lengths, num_examples=grid_examples
+        )
+        report["grid"] = g
+        report["files"] += g["files"]
+        report["skipped"] += g["skipped"]
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -601,8 +621,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run directory whose attention maps to draw (repeatable)",
     )
     parser.add_argument("--length", type=int, default=None, help="evaluation length for maps")
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="2-D operand-length tables and heatmaps (grid.json; a run without one is "
+        "evaluated first)",
+    )
+    parser.add_argument(
+        "--grid_lengths", default="", help="each grid axis for runs evaluated now, e.g. 1,4,8"
+    )
+    parser.add_argument(
+        "--grid_examples", type=int, default=None, help="examples per cell (default 100)"
+    )
     args = parser.parse_args(argv)
     parser.check(args.length is None or args.length >= 1, "--length", "must be >= 1")
+    lengths = args.grid_lengths.replace(",", " ").split()
+    parser.check(all(v.isdigit() and int(v) >= 1 for v in lengths), "--grid_lengths", "e.g. 1,4,8")
+    parser.check(
+        args.grid_examples is None or args.grid_examples >= 1, "--grid_examples", "must be >= 1"
+    )
+    from attn.registry import ConfigError
+    from experiments.workdir import RunError
+
     try:
         report = compare(
             args.roots,
@@ -612,10 +652,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool=[p for p in args.pool.split(",") if p],
             attention=args.attention,
             length=args.length,
+            grid=args.grid,
+            grid_lengths=[int(v) for v in lengths] or None,
+            grid_examples=args.grid_examples,
         )
-    except CompareError as e:
+    except (CompareError, ConfigError) as e:
         print(f"compare: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"compare: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     for line in report["skipped"]:
         print(f"compare: skipped {line}", file=sys.stderr)
     print(report["table"])
@@ -629,6 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"best on {task}: {row.label} ({where} {row.metric} {fmt(row.metric, score)}, "
             f"n={row.n})"
         )
+    if "grid" in report:
+        for path in report["grid"]["evaluated"]:
+            print(f"compare: evaluated the grid of {path} (its grid.json)", file=sys.stderr)
+        print(report["grid"]["table"])
     print(f"{report['runs']} runs; wrote " + ", ".join(str(f) for f in report["files"]))
     return 0
 

@@ -19,8 +19,9 @@ Outputs: one metrics.jsonl row per length {"step", "split": "eval", "length", "o
 workdir/results.json (README "Run outputs"), written atomically, whose summary holds the task
 metric's mean over in-distribution and out-of-distribution lengths (metrics.summarize).
 
-Public: `Evaluator(config, mesh)(state, step=, lengths=, log_row=)`, `evaluate_and_write(...)`,
-`run(workdir, *, lengths=None)`.
+Public: `Evaluator(config, mesh)(state, step=, lengths=, log_row=)`, `Evaluator.score(state,
+batches)` (any batches; the 2-D operand-length grid of experiments/grid.py uses it),
+`evaluate_and_write(...)`, `run(workdir, *, lengths=None)`.
 """
 
 import contextlib
@@ -173,6 +174,24 @@ class Evaluator:
                 compile_s,
             )
         return out
+
+    def score(self, model, batches) -> dict:
+        """metrics.means of `model` (a module or its nnx.State) over `batches` (numpy dicts
+        in the model's layout, e.g. experiments/grid.py's cells), through the same compiled
+        executables as the lengths; "compile_s" is the compilation it needed."""
+        model_state = model if isinstance(model, nnx.State) else nnx.split(model)[1]
+        compile_s, total = 0.0, None
+        for batch in batches:
+            g = mesh.shard_batch(_pad_rows(batch, self._rows_multiple), self.mesh, local=False)
+            key = tuple((k, v.shape) for k, v in sorted(g.items()))
+            if key not in self._compiled:
+                c0 = time.perf_counter()
+                self._compiled[key] = self._fn.lower(model_state, g).compile()
+                compile_s += time.perf_counter() - c0
+            part = self._compiled[key](model_state, g)
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+        m = metrics.means(jax.tree.map(float, jax.device_get(total)), self.task)
+        return {**m, "compile_s": compile_s}
 
     def _log_estimate(self, plan: dict, first: int, seconds: float, compile_s: float) -> None:
         """One line: the grid's batches and the time they should take, scaled from the first

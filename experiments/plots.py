@@ -1,4 +1,5 @@
-"""Plots of a comparison: metric against evaluation length, and attention maps.
+"""Plots of a comparison: metric against evaluation length, attention maps, and heatmaps of
+exact match over a grid of two operand lengths (experiments/grid.py).
 
 matplotlib with the Agg backend (no display needed); every PNG is written to a temporary
 file and renamed, so a reader never sees half a picture.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
+import matplotlib.patches
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -21,6 +23,7 @@ import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
     from experiments.compare import Row
+    from experiments.grid import GridRow
 
 
 def _save(fig, path: Path) -> None:
@@ -156,5 +159,59 @@ def plot_attention(
     fig.tight_layout()
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
+    _save(fig, path)
+    return path
+
+
+def plot_grid(rows: Sequence[GridRow], path: str | Path) -> Path:
+    """One heatmap per setting: the metric (mean over runs) by len a (rows, growing upwards)
+    and len b (columns), on one 0..1 scale with its colorbar; cells are evenly spaced with the
+    lengths as tick labels, the training region (both lengths <= the longest training length)
+    is outlined, and values are written in the cells when the grid is small enough to read."""
+    path = Path(path)
+    cols = min(3, max(1, len(rows)))
+    nrows = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols + 1.0, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(rows) :]:
+        ax.set_visible(False)
+    image = None
+    for ax, r in zip(axes.flat, rows, strict=False):
+        n = len(r.lengths)
+        values = np.full((n, n), np.nan)
+        for a, i in enumerate(r.lengths):
+            for b, j in enumerate(r.lengths):
+                mean = r.cells.get((i, j), (None, None))[0]
+                values[a, b] = np.nan if mean is None else mean
+        image = ax.imshow(
+            values, origin="lower", cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
+            interpolation="nearest",
+        )  # fmt: skip
+        ticks = [str(v) for v in r.lengths]
+        ax.set_xticks(range(n), ticks, fontsize=6, rotation=90 if n > 12 else 0)
+        ax.set_yticks(range(n), ticks, fontsize=6)
+        inside = sum(v <= r.train_max_length for v in r.lengths)
+        if inside:
+            ax.add_patch(
+                matplotlib.patches.Rectangle(
+                    (-0.5, -0.5), inside, inside, fill=False, ec="white", lw=1.5, ls="--"
+                )
+            )
+        if n <= 12:
+            for a in range(n):
+                for b in range(n):
+                    if np.isfinite(values[a, b]):
+                        ax.text(
+                            b, a, f"{100 * values[a, b]:.0f}", ha="center", va="center",
+                            fontsize=6, color="white" if values[a, b] < 0.6 else "black",
+                        )  # fmt: skip
+        ax.set_xlabel(r.axes[1], fontsize=8)
+        ax.set_ylabel(r.axes[0], fontsize=8)
+        ax.set_title(f"{r.task}: {r.label} (n={r.n})", fontsize=8)
+    fig.tight_layout()
+    if image is not None:
+        fig.colorbar(
+            image, ax=axes.ravel().tolist(), shrink=0.8,
+            label=f"{rows[0].metric} (dashed: trained lengths)",
+        )  # fmt: skip
     _save(fig, path)
     return path
