@@ -12,10 +12,15 @@ writer of metrics.jsonl and TensorBoard.
   in-distribution lengths (<= the longest training length) and the out-of-distribution ones:
   the `summary` of results.json, which compare reads.
 - `train_row(step, metrics, timing)`: the metrics.jsonl row of a training step.
-- `MetricsWriter`: metrics.jsonl rows, TensorBoard scalars and the console, on process 0.
+- `MetricsWriter`: metrics.jsonl rows, TensorBoard scalars and the console, on process 0;
+  Weights & Biases too when `ATTN_WANDB_PROJECT` names a project (off otherwise; wandb is the
+  optional `wandb` extra, and a configured but missing wandb is one warning line).
 """
 
 import contextlib
+import hashlib
+import importlib.util
+import json
 import logging
 import math
 import os
@@ -38,6 +43,9 @@ SUMS = ("nll_sum", "num_tokens", "token_acc_sum", "exact_sum", "num_seqs")
 TIMING_KEYS = ("steps_per_s", "tokens_per_s", "eta_s", "compile_s", "elapsed_s", "eval_s")
 # Per-step values a train row reports (means over the batch, and the optimizer's).
 TRAIN_KEYS = ("loss", "token_acc", "seq_acc", "grad_norm", "lr", "skipped")
+# Weights & Biases logging is on when this names a project (W&B's own WANDB_* variables, such
+# as WANDB_ENTITY, WANDB_MODE=offline or WANDB_API_KEY, then apply as usual).
+WANDB_ENV = "ATTN_WANDB_PROJECT"
 
 
 def loss_and_metrics(model, batch: dict, *, train: bool):
@@ -127,6 +135,11 @@ class MetricsWriter:
     and its exit hook prints a traceback), and a writer that fails (disk full, a closed pipe)
     is reported once, in one log line, and dropped. The run then stops where it must, at its
     next checkpoint, with the checkpoint's own one-line error.
+
+    With ATTN_WANDB_PROJECT set, the same scalars also go to a W&B run (another thread of
+    ours, its own bounded queue): one run per workdir (name: the workdir's name, group: its
+    parent's, e.g. the sweep root; id: a hash of the path, so a resumed or requeued run
+    continues the same W&B run), its config the workdir's config.json, "step" as the x axis.
     """
 
     QUEUE = 10_000
@@ -139,8 +152,12 @@ class MetricsWriter:
         self.bar = None
         self.failed: dict[str, str] = {}  # writer -> why it was dropped
         self._tb_queue = None
+        self._wandb_queue = None
         if not self.main:
             return
+        project = os.environ.get(WANDB_ENV, "").strip()
+        if project:
+            self._start_wandb(workdir, project)
         self._tb_queue = queue.Queue(self.QUEUE)
         self._tb_thread = threading.Thread(
             target=self._tb_loop, args=(os.path.join(workdir, "tb"),), daemon=True
@@ -156,6 +173,53 @@ class MetricsWriter:
             self.failed[writer] = one_line(error)
             where = os.path.dirname(self.path)
             log.warning("%s: %s stopped (%s); training goes on", where, writer, one_line(error))
+
+    def _start_wandb(self, workdir: str, project: str) -> None:
+        if importlib.util.find_spec("wandb") is None:
+            self.failed["W&B"] = "not installed"
+            log.warning(
+                "%s=%s is set but wandb is not installed (.venv/bin/pip install -e '.[wandb]'); "
+                "logging to metrics.jsonl and TensorBoard only",
+                WANDB_ENV,
+                project,
+            )
+            return
+        self._wandb_queue = queue.Queue(self.QUEUE)
+        self._wandb_thread = threading.Thread(
+            target=self._wandb_loop, args=(workdir, project), daemon=True
+        )
+        self._wandb_thread.start()
+
+    def _wandb_loop(self, workdir: str, project: str) -> None:
+        run = None
+        try:
+            import wandb
+
+            path = os.path.abspath(workdir)
+            config = None
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(path, "config.json")) as f:
+                    config = json.load(f)
+            run = wandb.init(
+                project=project,
+                name=os.path.basename(path),
+                group=os.path.basename(os.path.dirname(path)),
+                id=hashlib.sha1(path.encode()).hexdigest()[:16],
+                resume="allow",
+                dir=path,
+                config=config,
+                reinit="create_new",
+            )
+            run.define_metric("step")
+            run.define_metric("*", step_metric="step")
+            while (item := self._wandb_queue.get()) is not None:
+                run.log(item)
+            run.finish()
+        except Exception as e:  # the thread must end, whatever W&B does
+            self._fail("W&B", e)
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    run.finish()
 
     def _tb_loop(self, logdir: str) -> None:
         from tensorboardX import summary
@@ -191,16 +255,25 @@ class MetricsWriter:
             append_jsonl(self.path, clean)
         except OSError as e:
             self._fail("metrics.jsonl", e)
+        tag = row["split"] if row.get("length") is None else f"{row['split']}/{row['length']}"
+        scalars = {
+            f"{tag}/{k}": v
+            for k, v in clean.items()
+            if k not in ("step", "split", "length") and isinstance(v, float | int)
+        }
+        if self._wandb_queue is not None and "W&B" not in self.failed:
+            try:
+                self._wandb_queue.put_nowait({"step": row["step"], **scalars})
+            except queue.Full:
+                self._fail("W&B", RuntimeError("its writer stopped taking rows"))
         if "TensorBoard" in self.failed or self._tb_queue is None:
             return
-        tag = row["split"] if row.get("length") is None else f"{row['split']}/{row['length']}"
-        for k, v in clean.items():
-            if k not in ("step", "split", "length") and isinstance(v, float | int):
-                try:
-                    self._tb_queue.put_nowait((f"{tag}/{k}", v, row["step"]))
-                except queue.Full:
-                    self._fail("TensorBoard", RuntimeError("its writer stopped taking events"))
-                    return
+        for name, v in scalars.items():
+            try:
+                self._tb_queue.put_nowait((name, v, row["step"]))
+            except queue.Full:
+                self._fail("TensorBoard", RuntimeError("its writer stopped taking events"))
+                return
 
     def progress(self, step: int, text: str) -> None:
         if not self.main or "console" in self.failed:
@@ -223,6 +296,11 @@ class MetricsWriter:
                 self._tb_queue.put(None, timeout=self.CLOSE_TIMEOUT_S)
             self._tb_thread.join(self.CLOSE_TIMEOUT_S)
             self._tb_queue = None
+        if self._wandb_queue is not None:
+            with contextlib.suppress(queue.Full):
+                self._wandb_queue.put(None, timeout=self.CLOSE_TIMEOUT_S)
+            self._wandb_thread.join(self.CLOSE_TIMEOUT_S)
+            self._wandb_queue = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
