@@ -588,48 +588,55 @@ def test_grid_finishes_and_a_failing_point_is_listed_and_rerun_alone(cluster, tm
 
 @pytest.mark.cluster
 def test_a_point_cancelled_with_scancel_resumes_from_its_checkpoint(cluster, tmp_path):
+    """Submitted with --no_wait; the same command then follows the running point instead of
+    submitting it again; Ctrl-C stops the following, not the job; --status follows it; the
+    point cancelled with scancel saves, and resubmitting it resumes from that checkpoint."""
     config = tmp_path / "one.py"
     config.write_text(ONE_POINT)
     root = tmp_path / "runs"
     point = root / "seed=0"
     cmd = _sweep_cmd(config, root, "--config.train.ckpt_every=100000")
-    proc = subprocess.Popen(
-        [*cmd, "--config.train.steps=100000"],
+    long_run = [*cmd, "--config.train.steps=100000"]
+    run = dict(cwd=REPO, env=_env(cluster), capture_output=True, text=True, timeout=120)
+    submitted = subprocess.run([*long_run, "--no_wait"], **run)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = json.loads((root / sweep.STATUS_FILE).read_text())["points"]["seed=0"]["slurm_job"]
+
+    follower = subprocess.Popen(
+        long_run,
         cwd=REPO,
         env=_env(cluster),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    _wait_for_steps(proc, point, 3)
-    shown = subprocess.run(
-        [PY, "-m", "experiments.sweep", "--status", str(root)],
-        cwd=REPO,
-        env=_env(cluster),
-        capture_output=True,
-        text=True,
-    )
-    assert "1 points: 1 running" in shown.stdout, shown.stdout
-    job = json.loads((root / sweep.STATUS_FILE).read_text())["points"]["seed=0"]["slurm_job"]
+    _wait_for_steps(follower, point, 3)
+    follower.send_signal(signal.SIGINT)
+    out, _ = follower.communicate(timeout=60)
+    assert follower.returncode == 128 + signal.SIGINT, out
+    assert "0 already DONE, 1 still queued or running on SLURM, 0 to submit" in out
+    assert "stopped following; 1 points are still queued or running" in out
+    assert f"{job}|RUNNING|None" in cluster.jobs()
+
+    def status() -> str:
+        cmd = [PY, "-m", "experiments.sweep", "--status", str(root)]
+        return subprocess.run(cmd, **run).stdout
+
+    assert "1 points: 1 running" in status()
     subprocess.run(["scancel", job], env=cluster.env, check=True)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1, out
-    assert "[sweep] stopped seed=0" in out
-    status = json.loads((root / sweep.STATUS_FILE).read_text())["points"]["seed=0"]
-    assert status["status"] == "stopped" and status["returncode"] == 143, status
+    deadline = time.monotonic() + 90
+    while "1 points: 1 stopped" not in (shown := status()):
+        assert time.monotonic() < deadline, shown
+        time.sleep(1)
+    recorded = json.loads((root / sweep.STATUS_FILE).read_text())["points"]["seed=0"]
+    assert recorded["status"] == "stopped" and recorded["returncode"] == 143, recorded
     saved = max(int(p.name) for p in (point / "checkpoints").iterdir() if p.name.isdigit())
     assert saved >= 3
 
     steps = saved + 3  # more steps: a resumable change
-    again = subprocess.run(
-        [*cmd, f"--config.train.steps={steps}"],
-        cwd=REPO,
-        env=_env(cluster),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = subprocess.run([*cmd, f"--config.train.steps={steps}"], **{**run, "timeout": 300})
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 to submit as one job" in again.stdout
     assert f"resumed from step {saved} " in (point / sweep.LOG_FILE).read_text()
     assert json.loads((point / "results.json").read_text())["step"] == steps
 
