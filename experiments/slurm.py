@@ -601,6 +601,8 @@ def run_sweep(
             entry["overrides"] = p.overrides
             if p.name in alive:
                 entry = {**recorded[p.name], **entry, "status": "queued"}
+            elif p.done:  # keep what was recorded when it finished (job, seconds)
+                entry = {**previous.get("points", {}).get(p.name, {}), **entry}
             status["points"][p.name] = entry
         names = [p.name for p in points]
         if jobs:
