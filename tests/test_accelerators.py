@@ -213,11 +213,16 @@ def _lm_batch(B=2, T=12, lengths=(12, 7), vocab=20):
 NO_BIAS = ("none", "sinusoidal", "learned", "rope", "xpos")
 
 
+# One case per kind of path runs by default; the other encodings of each kind are slow.
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "pe,model,want",
-    [(pe, "decoder", "cudnn") for pe in NO_BIAS]
-    + [("rope", "encoder", "cudnn"), ("alibi", "decoder", "flash"), ("t5", "encoder", "flash")]
-    + [("kerple", "decoder", "flash"), ("fire", "decoder", "dense")],
+    [("none", "decoder", "cudnn"), ("rope", "encoder", "cudnn"), ("alibi", "decoder", "flash")]
+    + [("t5", "encoder", "flash"), ("fire", "decoder", "dense")]
+    + [pytest.param(pe, "decoder", "cudnn", marks=_SLOW) for pe in NO_BIAS if pe != "none"]
+    + [pytest.param("kerple", "decoder", "flash", marks=_SLOW)],
 )
 def test_what_each_pe_hands_to_attention_on_a_gpu(fake_gpu, pe, model, want):
     """bf16 models with right padding: no-bias PEs reach cuDNN with lengths and no bias or
@@ -265,7 +270,7 @@ def test_profile_steps_write_a_trace_and_rows_carry_mfu(tmp_path):
     layout) and, with a peak given, logs MFU; on a CPU without one, rows have no MFU."""
     config = formal.get_config("smoke=true")
     config.train.steps, config.train.profile_steps, config.train.peak_tflops = 4, "1,3", 0.5
-    config.eval.compilation_cache = ""
+    config.eval.compilation_cache, config.eval.lengths = "", "8"
     workdir = tmp_path / "run"
     train.run(config, str(workdir))
     assert list((workdir / "profile" / "plugins" / "profile").rglob("*.xplane.pb"))
