@@ -457,6 +457,33 @@ def test_sigint_during_the_final_evaluation_stops_between_lengths(tmp_path):
     assert final == [4, 64, 128, 256, 384, 512]
 
 
+def test_generate_beside_a_training_run_leaves_it_alone(tmp_path):
+    """generate opens the checkpoints read-only: it never deletes the tmp directory of the
+    save the training run has under way (it did, and the run died saving)."""
+    workdir = tmp_path / "run"
+    argv = [
+        "--mode", "train", "--config", "configs/algorithmic.py:smoke=true",
+        "--workdir", str(workdir), "--config.train.steps=100000", "--config.train.ckpt_every=2",
+    ]  # fmt: skip
+    proc = start(workdir, argv=argv)
+    assert wait_for(proc, lambda: last_train_step(workdir) >= 6), "training never started"
+    for _ in range(3):
+        out = subprocess.run(
+            [PY, "-m", "experiments.generate", "--workdir", str(workdir), "--prompt", "1 2"],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+    before = last_train_step(workdir)
+    assert wait_for(proc, lambda: last_train_step(workdir) >= before + 4)
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout=60)
+    assert code == 128 + signal.SIGTERM, err[-2000:]  # not 1: "could not save checkpoint"
+
+
 # ----------------------------------------------------------------------------- 3 corruption
 
 
