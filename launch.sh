@@ -41,6 +41,7 @@ modes:
   sweep         run a config's grid: ./launch.sh sweep --config configs/quickstart.py --workdir runs/q
                 [--backend slurm --slurm_partition P ...]; where its points are: --status runs/q
   compare       tables and plots:    ./launch.sh compare runs/q [runs/r ...] --out reports/q
+  reproduce     a paper's claims:    ./launch.sh reproduce press --mini [--parallel 2]; --results
   bench         benchmarks:          ./launch.sh bench [--workload w1 ...]
   generate      sample from a run:   ./launch.sh generate --workdir runs/lm --prompt "def "
   multi N ...   N local processes (multi-host path on one machine): ./launch.sh multi 2 train ...
@@ -248,7 +249,7 @@ main() {
       ensure_env
       run_py -m experiments.main --mode "$mode" "$@"
       ;;
-    sweep | compare | bench | generate)
+    sweep | compare | bench | generate | reproduce)
       ensure_env
       run_py -m "experiments.$mode" "$@"
       ;;
@@ -283,7 +284,7 @@ main() {
       run_py -m experiments.multi --num_processes "$n" --mode "$sub" -- "$@"
       ;;
     *)
-      echo "launch.sh: unknown mode '$mode'; valid modes: test test-cluster train eval sweep compare bench generate multi check device-check wheels setup --help" >&2
+      echo "launch.sh: unknown mode '$mode'; valid modes: test test-cluster train eval sweep compare reproduce bench generate multi check device-check wheels setup --help" >&2
       exit 2
       ;;
   esac

@@ -41,7 +41,7 @@ The mini protocol trains far shorter; what it showed is in RESULTS.md.
 """
 
 from configs import formal
-from experiments import config_utils
+from experiments import claims, config_utils
 
 TASKS = (
     "even_pairs",
@@ -132,3 +132,32 @@ def get_sweep(arg: str | None = None):
         "lr": LEARNING_RATES,
         "seed": range(args["seeds"]) if args["seeds"] else SEEDS,
     }
+
+
+CLAIMS_METRIC = "token_acc"
+
+
+def get_claims(arg: str | None = None):
+    """The papers' findings as checks on compare's rows (./launch.sh reproduce deletang)."""
+    ruoss = "Ruoss et al. 2023 (15 tasks, 6,000 models)"
+    return [
+        claims.mean_gain(
+            "randomized positions raise the mean out-of-distribution accuracy over the tasks",
+            f"{ruoss}: +12.0 points of mean test accuracy",
+            a={"sampler": "randomized"}, b={"sampler": "identity"}, metric="token_acc",
+            at_least=0.0,
+        ),
+        claims.better(
+            "randomized RoPE beats RoPE beyond the training length",
+            f"{ruoss}: randomized variants of every encoding improve",
+            a={"pe": "rope", "sampler": "randomized"}, b={"pe": "rope", "sampler": "identity"},
+            metric="token_acc",
+        ),
+        claims.better(
+            "randomized ALiBi beats ALiBi beyond the training length",
+            f"{ruoss}: randomized variants of every encoding improve",
+            a={"pe": "alibi", "sampler": "randomized"},
+            b={"pe": "alibi", "sampler": "identity"},
+            metric="token_acc",
+        ),
+    ]  # fmt: skip

@@ -36,7 +36,7 @@ trained for minutes) tests the pipeline and the easy tasks, not the ranking.
 """
 
 from configs import algorithmic
-from experiments import config_utils
+from experiments import claims, config_utils
 
 TASKS = ("copy", "reverse", "sort", "addition", "summation", "parity", "polynomial")
 ENCODINGS = ("none", "t5", "alibi", "rope", "sinusoidal")
@@ -101,3 +101,33 @@ def get_sweep(arg: str | None = None):
         "pe": ENCODINGS,
         "seed": range(args["seeds"]) if args["seeds"] else SEEDS,
     }
+
+
+CLAIMS_METRIC = "seq_acc"
+
+
+def get_claims(arg: str | None = None):
+    """The paper's findings as checks on compare's rows (./launch.sh reproduce kazemnejad)."""
+    paper = "Kazemnejad et al. 2023 (decoder of ~138M parameters, 40k steps)"
+    return [
+        claims.fits(
+            "every encoding fits the training lengths (in-distribution exact match >= 90 %)",
+            f"{paper}: all encodings reach near-perfect in-distribution accuracy",
+            metric="seq_acc", at_least=0.9,
+        ),
+        claims.top_by_mrr(
+            "NoPE is among the two best encodings by mean reciprocal rank over tasks",
+            f"{paper}: ranking NoPE > T5 > ALiBi > RoPE > sinusoidal",
+            expected=("none", "t5", "alibi", "rope", "sinusoidal"), k=2,
+        ),
+        claims.better(
+            "NoPE generalises beyond the training length better than sinusoidal",
+            f"{paper}: sinusoidal ranks last",
+            a={"pe": "none"}, b={"pe": "sinusoidal"}, metric="seq_acc",
+        ),
+        claims.better(
+            "T5's relative bias generalises better than RoPE",
+            f"{paper}: T5 ranks second, RoPE fourth",
+            a={"pe": "t5"}, b={"pe": "rope"}, metric="seq_acc",
+        ),
+    ]  # fmt: skip

@@ -29,7 +29,7 @@ length; sinusoidal (and learned) explode just past it; RoPE and T5 degrade in be
 """
 
 from configs import lm
-from experiments import config_utils
+from experiments import claims, config_utils
 
 ENCODINGS = ("none", "sinusoidal", "learned", "t5", "alibi", "rope")
 EXTRAPOLATION = (1, 2, 4, 8, 16)
@@ -64,3 +64,37 @@ def get_config(arg: str | None = None):
 
 def get_sweep(arg: str | None = None):
     return {"pe": ENCODINGS, "seed": [0]}
+
+
+CLAIMS_METRIC = "ppl"
+
+
+def get_claims(arg: str | None = None):
+    """The paper's findings as checks on compare's rows (./launch.sh reproduce press)."""
+    paper = "Press et al. 2022, Fig. 1 (WikiText-103, trained on 512 tokens)"
+    return [
+        claims.ratio(
+            "ALiBi's perplexity at 16x the training length is within 15 % of its 1x",
+            f"{paper}: ALiBi stays flat (or improves) far past the training length",
+            pe="alibi", metric="ppl", at="16x", over="1x", below=1.15,
+        ),
+        claims.ratio(
+            "sinusoidal's perplexity at 4x the training length is more than twice its 1x",
+            f"{paper}: sinusoidal explodes right past the training length",
+            pe="sinusoidal", metric="ppl", at="4x", over="1x", above=2.0,
+        ),
+        claims.better(
+            "ALiBi's out-of-distribution perplexity is lower than sinusoidal's",
+            paper, a={"pe": "alibi"}, b={"pe": "sinusoidal"}, metric="ppl",
+        ),
+        claims.better(
+            "RoPE degrades less than sinusoidal beyond the training length",
+            f"{paper}: rotary and T5 degrade between ALiBi and sinusoidal",
+            a={"pe": "rope"}, b={"pe": "sinusoidal"}, metric="ppl",
+        ),
+        claims.better(
+            "ALiBi extrapolates better than RoPE",
+            f"{paper}: ALiBi is the only one that stays flat",
+            a={"pe": "alibi"}, b={"pe": "rope"}, metric="ppl",
+        ),
+    ]  # fmt: skip
