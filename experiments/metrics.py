@@ -40,7 +40,7 @@ log = logging.getLogger("attn.metrics")
 
 SUMS = ("nll_sum", "num_tokens", "token_acc_sum", "exact_sum", "num_seqs")
 # Fields of metrics.jsonl rows that are wall-clock measurements (never reproducible).
-TIMING_KEYS = ("steps_per_s", "tokens_per_s", "eta_s", "compile_s", "elapsed_s", "eval_s")
+TIMING_KEYS = ("steps_per_s", "tokens_per_s", "eta_s", "compile_s", "elapsed_s", "eval_s", "mfu")
 # Per-step values a train row reports (means over the batch, and the optimizer's).
 TRAIN_KEYS = ("loss", "token_acc", "seq_acc", "grad_norm", "lr", "skipped")
 # Weights & Biases logging is on when this names a project (W&B's own WANDB_* variables, such
