@@ -42,15 +42,17 @@ TASKS = ("copy", "reverse", "sort", "addition", "summation", "parity", "polynomi
 ENCODINGS = ("none", "t5", "alibi", "rope", "sinusoidal")
 SEEDS = (0, 1, 2)
 
-# The reduced protocol, about 4 minutes per seed on 2 shared CPU cores: copy and reverse,
-# training lengths n <= 8 tested up to 2x, a 2-layer width-32 decoder (size xs), 1,500 steps,
-# one seed.
+# The reduced protocol: four tasks a 2-layer width-32 decoder (size xs) fits in distribution
+# (copy, reverse, sort, parity: exact match >= 90 % at n <= 8 with RoPE after 5,000 steps;
+# 1,500 steps reached 23 % at n = 8 on reverse, summation stayed at 32 %), training lengths
+# n <= 8, tested at every length up to 2x as the paper tests up to 2L (9..12, then 14, 16),
+# one seed; RESULTS.md has the sizes tried.
 MINI = {
-    "tasks": ("copy", "reverse"),
+    "tasks": ("copy", "reverse", "sort", "parity"),
     "max_length": 8,
-    "eval_lengths": (4, 8, 12, 16),
+    "eval_lengths": (4, 8, 9, 10, 11, 12, 14, 16),
     "size": "xs",
-    "steps": 1500,
+    "steps": 5000,
     "batch_size": 32,
     "lr": 1e-3,
     "num_examples": 128,
