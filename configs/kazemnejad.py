@@ -78,14 +78,7 @@ def get_config(arg: str | None = None):
     config.train.optimizer.lr = lr or (MINI["lr"] if mini else 1e-4)
     config.eval.lengths = "task"
     if mini:
-        config.task.max_length = MINI["max_length"]
-        config.train.steps = MINI["steps"]
-        config.train.batch_size = MINI["batch_size"]
-        config.train.eval_every = 0
-        config.train.log_every = 50
-        config.train.ckpt_every = 500
-        config.eval.lengths = ",".join(map(str, MINI["eval_lengths"]))
-        config.eval.num_examples = MINI["num_examples"]
+        config_utils.apply_mini(config, MINI)
     elif not args["smoke"]:
         config.train.steps = 40_000
         config.train.batch_size = 64

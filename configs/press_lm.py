@@ -64,12 +64,7 @@ def get_config(arg: str | None = None):
         for key, value in MINI["model"].items():
             config.model[key] = value
     if mini:
-        config.train.steps = MINI["steps"]
-        config.train.batch_size = MINI["batch_size"]
-        config.train.eval_every = 0
-        config.train.log_every = 50
-        config.train.ckpt_every = 500
-        config.eval.num_examples = MINI["num_examples"]
+        config_utils.apply_mini(config, MINI)
         config.eval.batch_size = MINI["num_examples"]
     return config
 

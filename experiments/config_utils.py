@@ -81,6 +81,24 @@ def block(
     return ml_collections.ConfigDict({"name": name, **merged})
 
 
+def apply_mini(config: ml_collections.ConfigDict, mini: Mapping[str, Any]) -> None:
+    """Set a reproduction's mini protocol: its steps, batch and eval set, no periodic eval.
+
+    `mini` holds "steps", "batch_size", "num_examples" and optionally "max_length" (training
+    lengths) and "eval_lengths"; checkpoints every 500 steps keep a killed mini resumable.
+    """
+    config.train.steps = mini["steps"]
+    config.train.batch_size = mini["batch_size"]
+    config.train.eval_every = 0
+    config.train.log_every = 50
+    config.train.ckpt_every = 500
+    config.eval.num_examples = mini["num_examples"]
+    if "max_length" in mini:
+        config.task.max_length = mini["max_length"]
+    if "eval_lengths" in mini:
+        config.eval.lengths = ",".join(map(str, mini["eval_lengths"]))
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default)
 

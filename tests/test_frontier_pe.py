@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_layers import full_and_incremental  # the KV-cache oracle, shared
 
 import attn.pe
 from attn import attention, layers, scoring
@@ -407,27 +408,11 @@ def test_logit_scale_multiplies_materialised_scorers(scorer):
     np.testing.assert_allclose(w2, sharpened, rtol=1e-4, atol=1e-6)
 
 
-@nnx.jit
-def _full_and_incremental(mha, pe_mod, x, pos, lengths):
-    """Full forward; and a ragged right-padded prefill of 4, then 3 single-token steps."""
-    full = mha(x, pos_BL=pos, pe=pe_mod)
-    valid = jnp.arange(4)[None] < lengths[:, None]
-    cache = mha.init_cache(2, 8, dtype=jnp.float32)
-    prefill, cache = mha.decode(x[:, :4], cache, pos_BL=pos[:, :4], pe=pe_mod, valid_BL=valid)
-    steps = []
-    for step in range(3):
-        t = lengths + step
-        xt = jnp.take_along_axis(x, t[:, None, None], 1)
-        y, cache = mha.decode(xt, cache, pos_BL=t[:, None], pe=pe_mod)
-        steps.append(y[:, 0])
-    return full, prefill, jnp.stack(steps, 1)
-
-
 def check_cache(mha, pe_mod):
     x = jax.random.normal(jax.random.key(4), (2, 7, 16))
     pos = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
     lengths = jnp.array([3, 2])
-    full, prefill, steps = _full_and_incremental(mha, pe_mod, x, pos, lengths)
+    full, prefill, steps, _ = full_and_incremental(mha, pe_mod, x, pos, lengths, steps=3)
     for b in range(2):
         n = int(lengths[b])
         np.testing.assert_allclose(prefill[b, :n], full[b, :n], atol=1e-5)

@@ -3,6 +3,8 @@ per-block bias callable, KV cache == full forward for every registered PE), bloc
 axis names (their mapping onto a mesh: tests/test_mesh.py).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,20 +89,21 @@ def test_bias_callable_matches_materialised(pe):
         np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
 
 
-@nnx.jit
-def _full_and_incremental(mha, pe_mod, x, pos, lengths):
-    """Full forward; and a ragged right-padded prefill of 4 then 4 single-token steps."""
+@functools.partial(nnx.jit, static_argnames="steps")
+def full_and_incremental(mha, pe_mod, x, pos, lengths, steps=4):
+    """Full forward; and a ragged right-padded prefill of 4 then `steps` single-token steps
+    (tests/test_frontier_pe.py uses it too)."""
     full = mha(x, pos_BL=pos, pe=pe_mod)
     valid = jnp.arange(4)[None] < lengths[:, None]
     cache = mha.init_cache(2, 8, dtype=jnp.float32)
     prefill, cache = mha.decode(x[:, :4], cache, pos_BL=pos[:, :4], pe=pe_mod, valid_BL=valid)
-    steps = []
-    for step in range(4):
+    outs = []
+    for step in range(steps):
         t = lengths + step
         xt = jnp.take_along_axis(x, t[:, None, None], 1)
         y, cache = mha.decode(xt, cache, pos_BL=t[:, None], pe=pe_mod)
-        steps.append(y[:, 0])
-    return full, prefill, jnp.stack(steps, 1), cache["length"]
+        outs.append(y[:, 0])
+    return full, prefill, jnp.stack(outs, 1), cache["length"]
 
 
 @pytest.mark.parametrize("pe", sorted(attn.pe.REGISTRY))
@@ -121,7 +124,7 @@ def test_kv_cache_equals_full_forward(pe):
     nnx.update(pe_mod, jax.tree.unflatten(treedef, noisy))
     x, pos = x_and_pos(T=7)
     lengths = jnp.array([3, 2])
-    full, prefill, steps, final = _full_and_incremental(mha, pe_mod, x, pos, lengths)
+    full, prefill, steps, final = full_and_incremental(mha, pe_mod, x, pos, lengths)
     for b in range(2):
         n = int(lengths[b])
         np.testing.assert_allclose(prefill[b, :n], full[b, :n], atol=1e-5)

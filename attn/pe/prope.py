@@ -20,9 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attn.pe.base import PositionalEncoding
-from attn.pe.rope import LAYOUTS
-from attn.registry import merge_defaults, require
+from attn.pe.rope import LAYOUTS, RoPE
+from attn.registry import require
 
 
 def kept_pairs(head_dim: int, p: float) -> int:
@@ -87,26 +86,12 @@ def check(c, head_dim: int) -> None:
     require(c["max_wavelength"] > 0, "pe.max_wavelength", f"must be > 0: {c['max_wavelength']}")
 
 
-class PRoPE(PositionalEncoding):
+class PRoPE(RoPE):
     """RoPE on the highest floor(p * K/2) frequencies; the lowest-frequency pairs unrotated."""
 
     DEFAULTS = {"p": 0.75, "max_wavelength": 1e4, "layout": "half"}
-    supports_cross_attention = False
-    shift_invariant = True
-
-    @classmethod
-    def validate(cls, cfg, *, max_eval_position, num_heads, head_dim):
-        check(merge_defaults(cls.DEFAULTS, cfg, "model.pe"), head_dim)
-
-    def __init__(self, cfg, *, d_model, num_heads, head_dim, causal, rngs):
-        super().__init__(
-            cfg, d_model=d_model, num_heads=num_heads, head_dim=head_dim, causal=causal, rngs=rngs
-        )
-        check(self.cfg, head_dim)
+    check = staticmethod(check)
 
     def _rotate(self, x, pos):
         c = self.cfg
         return rotate(x, pos, p=c["p"], max_wavelength=c["max_wavelength"], layout=c["layout"])
-
-    def rotate(self, q_BLHK, k_BSGK, qpos_BL, kpos_BS):
-        return self._rotate(q_BLHK, qpos_BL), self._rotate(k_BSGK, kpos_BS)

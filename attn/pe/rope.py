@@ -177,15 +177,20 @@ class RoPE(PositionalEncoding):
     supports_cross_attention = False
     shift_invariant = True
 
+    @staticmethod
+    def check(c, head_dim: int) -> None:
+        """ConfigErrors of a merged config block; subclasses with other fields override it."""
+        validate_rotary(c, head_dim)
+
     @classmethod
     def validate(cls, cfg, *, max_eval_position, num_heads, head_dim):
-        validate_rotary(merge_defaults(cls.DEFAULTS, cfg, "model.pe"), head_dim)
+        cls.check(merge_defaults(cls.DEFAULTS, cfg, "model.pe"), head_dim)
 
     def __init__(self, cfg, *, d_model, num_heads, head_dim, causal, rngs):
         super().__init__(
             cfg, d_model=d_model, num_heads=num_heads, head_dim=head_dim, causal=causal, rngs=rngs
         )
-        validate_rotary(self.cfg, head_dim)
+        self.check(self.cfg, head_dim)
 
     def _rotate(self, x, pos):
         c = self.cfg
