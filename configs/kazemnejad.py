@@ -89,13 +89,8 @@ def get_config(arg: str | None = None):
 
 def get_sweep(arg: str | None = None):
     args = config_utils.parse_arg(arg, ARGS)
-    if args["mini"]:
-        return {"task": MINI["tasks"], "pe": ENCODINGS, "seed": range(args["seeds"] or 1)}
-    return {
-        "task": TASKS,
-        "pe": ENCODINGS,
-        "seed": range(args["seeds"]) if args["seeds"] else SEEDS,
-    }
+    seeds = range(args["seeds"]) if args["seeds"] else (SEEDS[:1] if args["mini"] else SEEDS)
+    return {"task": MINI["tasks"] if args["mini"] else TASKS, "pe": ENCODINGS, "seed": seeds}
 
 
 CLAIMS_METRIC = "seq_acc"

@@ -13,7 +13,8 @@ keep them with the command, date, machine and commit. A claim that does not hold
 result, not an error: the exit status is 0 and the summary line says how many held.
 
 `--results` rewrites RESULTS.md from every reports/*/claims.json (each with its table, claims,
-command, date, machine and commit) and copies each length_curves.png to results/.
+command, date, machine and commit), copies each length_curves.png to results/, and appends
+results/measurements.md (earlier hand-written measurements that are not claims).
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ def write_results() -> Path:
             target = ROOT / "results" / f"{folder.name}_length_curves.png"
             shutil.copyfile(png, target)
             parts.append(f"![{folder.name}](results/{target.name})\n")
+    notes = ROOT / "results" / "measurements.md"
+    if notes.exists():
+        parts.append(notes.read_text())
     out = ROOT / "RESULTS.md"
     atomic_write_text(out, "\n".join(parts))
     return out
