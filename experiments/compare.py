@@ -33,7 +33,7 @@ writes to --out:
 
 A run directory whose results file cannot be read is skipped with one line naming it; a run
 whose loss or metrics are not finite counts as diverged and stays out of the means.
-`load_runs(roots)` returns every run's config and per-length metrics as a pandas DataFrame
+`load_runs(roots)` (experiments/runs.py) returns every run's config and per-length metrics as a pandas DataFrame
 (pandas: `pip install -e .[analysis]`).
 """
 
@@ -41,185 +41,34 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from experiments import metrics, plots
+from experiments import plots
 from experiments.config_utils import ArgumentParser
-from experiments.workdir import atomic_write_text, read_jsonl
-
-FINAL = "final"
-METRICS = "metrics.jsonl"
-DEFAULT_METRIC = "token_acc"
-# Metrics where smaller is better; every other metric (accuracies) is maximised.
-LOWER_IS_BETTER = frozenset({"loss", "ppl", "bpc", "bpb", "nll"})
-# Sub-directories of a run that never hold runs themselves; skipping them keeps the walk fast.
-_NOT_RUNS = frozenset({"checkpoints", "tb", ".jax_cache", "__pycache__", "evals"})
-# Config fields that do not change what a run computes (or are the seed and the label).
-BOOKKEEPING = (
-    "seed",
-    "variant",
-    "train.log_every",
-    "train.ckpt_every",
-    "train.keep_checkpoints",
-    "train.eval_every",
-    "train.eval_lengths",
-    "train.mesh.",
-    "train.profile_steps",
-    "model.impl",
-    "eval.lengths",
-    "eval.batch_size",
-    "eval.num_examples",
-    "eval.compilation_cache",
-    "eval.data_dir",
+from experiments.runs import (  # noqa: F401  (find_runs, load_run, load_runs: compare's API too)
+    FINAL,
+    TRAIN_LOSS_TAIL,
+    CompareError,
+    Run,
+    differing,
+    find_runs,
+    fmt,
+    fmt_pm,
+    group_runs,
+    load_all,
+    load_run,
+    load_runs,
+    lower_is_better,
+    mean_std,
+    results_file,
 )
-TRAIN_LOSS_TAIL = 0.1  # the mean training loss is taken over this last fraction of training
-
-
-class CompareError(ValueError):
-    """A comparison that cannot be made (no runs, a bad argument). One line."""
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER
-
-
-def results_file(eval_name: str = FINAL) -> str:
-    return "results.json" if eval_name == FINAL else os.path.join("evals", f"{eval_name}.json")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def _number(v) -> float:
-    return float("nan") if v is None else float(v)
-
-
-def _numbers(m: dict) -> dict[str, float]:
-    """The numeric entries of a per-length dict; null (a non-finite value) becomes NaN."""
-    return {k: _number(v) for k, v in m.items() if v is None or isinstance(v, int | float)}
-
-
-@dataclass
-class Run:
-    """One evaluated run directory, reduced to what the comparison needs."""
-
-    path: Path
-    task: str
-    variant: str
-    seed: int | None
-    step: int
-    train_max_length: int
-    per_length: dict[int, dict[str, float]]
-    metric: str
-    summary: dict = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)  # flat config without bookkeeping fields
-    chance: float | None = None
-    train_loss: float | None = None
-
-    def scores(self, metric: str) -> tuple[float | None, float | None]:
-        """(in-distribution, out-of-distribution) mean of `metric` over evaluation lengths:
-        the run's own summary for its metric, the same function's answer for another."""
-        summary = self.summary
-        if summary.get("metric") != metric:
-            summary = metrics.summarize(
-                self.per_length, train_max_length=self.train_max_length, metric=metric
-            )
-        return summary.get("id_mean"), summary.get("ood_mean")
-
-    def diverged(self, metric: str) -> bool:
-        values = [m.get(metric, math.nan) for m in self.per_length.values()]
-        loss = math.nan if self.train_loss is None else self.train_loss
-        return not all(math.isfinite(v) for v in values) or (
-            self.train_loss is not None and not math.isfinite(loss)
-        )
-
-
-def find_runs(roots: Iterable[str | Path], eval_name: str = FINAL) -> list[Path]:
-    """Every directory under the roots (roots included) that holds the evaluation's file."""
-    rel = results_file(eval_name)
-    found = []
-    for root in roots:
-        for dirpath, dirnames, _ in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in _NOT_RUNS)
-            if os.path.isfile(os.path.join(dirpath, rel)):
-                found.append(Path(dirpath))
-    return found
-
-
-def mean_train_loss(metrics_path: Path, tail: float = TRAIN_LOSS_TAIL) -> float | None:
-    """Mean training loss over the last `tail` of the logged training rows (None if none;
-    NaN if the run diverged there)."""
-    losses = [
-        _number(r["loss"])
-        for r in read_jsonl(metrics_path)
-        if r.get("split") == "train" and "loss" in r
-    ]
-    if not losses:
-        return None
-    last = losses[-max(1, math.ceil(tail * len(losses))) :]
-    return float(np.mean(last))
-
-
-def _chance(task: str, config: dict) -> float | None:
-    try:
-        from experiments import tasks
-
-        return tasks.build(config.get("task", {"name": task})).chance
-    except Exception:  # a task this checkout does not know: no chance line
-        return None
-
-
-def load_run(path: Path, eval_name: str = FINAL) -> Run:
-    """The run at `path`; CompareError naming the file if its results cannot be read."""
-    file = Path(path) / results_file(eval_name)
-    try:
-        results = json.loads(file.read_text())
-        per_length = {int(n): _numbers(m) for n, m in results["per_length"].items()}
-        config = results.get("config", {})
-        run = Run(
-            path=Path(path),
-            task=results["task"],
-            variant=str(results["variant"]),
-            seed=results.get("seed"),
-            step=int(results.get("step", 0)),
-            train_max_length=int(results["train_max_length"]),
-            per_length=per_length,
-            metric=results.get("summary", {}).get("metric", DEFAULT_METRIC),
-            summary=results.get("summary", {}),
-            settings={k: v for k, v in flatten(config).items() if not k.startswith(BOOKKEEPING)},
-            chance=results.get("chance", _chance(results["task"], config)),
-            train_loss=mean_train_loss(Path(path) / METRICS),
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        kind = type(e).__name__
-        raise CompareError(f"{file}: not a readable results file ({kind}: {e})") from None
-    return run
-
-
-def load_all(roots, eval_name: str = FINAL) -> tuple[list[Run], list[str]]:
-    """(runs, one line per run directory skipped because its results cannot be read)."""
-    runs, skipped = [], []
-    for path in find_runs(roots, eval_name):
-        try:
-            runs.append(load_run(path, eval_name))
-        except CompareError as e:
-            skipped.append(str(e))
-    return runs, skipped
+from experiments.workdir import atomic_write_text
 
 
 @dataclass
@@ -250,30 +99,6 @@ class Row:
         return len(self.runs)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None, None
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return float(np.mean(values)), std
-
-
-def _differing(groups: Sequence[dict]) -> list[str]:
-    keys = sorted({k for g in groups for k in g})
-    return [k for k in keys if len({repr(g.get(k)) for g in groups}) > 1]
-
-
-def group_runs(runs: Sequence[Run], pool: Sequence[str] = ()) -> dict[tuple, list[Run]]:
-    """Runs grouped by (task, training length, variant, settings minus `pool`), labelled with
-    the settings that tell groups of one variant apart."""
-    groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        kept = {k: v for k, v in run.settings.items() if not k.startswith(tuple(pool))}
-        key = (run.task, run.train_max_length, run.variant, tuple(sorted(kept.items(), key=str)))
-        groups.setdefault(key, []).append(run)
-    return groups
-
-
 def summarize(
     runs: Sequence[Run], metric: str | None = None, pool: Sequence[str] = ()
 ) -> list[Row]:
@@ -288,26 +113,26 @@ def summarize(
         members = [r for r in members if all(m in v for v in r.per_length.values())]
         if not members:
             continue
-        differ = _differing(by_variant[(task, length, variant)])
+        differ = differing(by_variant[(task, length, variant)])
         extra = ", ".join(f"{k}={dict(kept).get(k)}" for k in differ)
         row = Row(task, variant, m, members, label=f"{variant} [{extra}]" if extra else variant)
         row.train_max_length = length
         row.chance = members[0].chance
         row.steps = tuple(sorted({r.step for r in members}))
-        row.pooled = tuple(_differing([r.settings for r in members]))
+        row.pooled = tuple(differing([r.settings for r in members]))
         ok = [r for r in members if not r.diverged(m)]
         row.diverged = len(members) - len(ok)
         scores = [(r.scores(m), r) for r in ok]
-        row.id_mean, row.id_std = _mean_std([s[0] for s, _ in scores if s[0] is not None])
+        row.id_mean, row.id_std = mean_std([s[0] for s, _ in scores if s[0] is not None])
         oods = [(s[1], r) for s, r in scores if s[1] is not None]
-        row.ood_mean, row.ood_std = _mean_std([o for o, _ in oods])
+        row.ood_mean, row.ood_std = mean_std([o for o, _ in oods])
         if oods:
             pick = min if lower_is_better(m) else max
             row.best_ood, best = pick(oods, key=lambda pair: pair[0])
             row.best_run = best.path.name
-        row.train_loss, _ = _mean_std([r.train_loss for r in ok if r.train_loss is not None])
+        row.train_loss, _ = mean_std([r.train_loss for r in ok if r.train_loss is not None])
         for n in sorted({n for r in ok for n in r.per_length}):
-            row.per_length[n] = _mean_std([r.per_length[n][m] for r in ok if n in r.per_length])
+            row.per_length[n] = mean_std([r.per_length[n][m] for r in ok if n in r.per_length])
         rows.append(row)
 
     def order(row: Row):
@@ -354,23 +179,6 @@ def mean_reciprocal_rank(rows: Sequence[Row]) -> list[tuple[str, float, int]]:
             reciprocal.setdefault(row.label, []).append(1.0 / rank)
     table = [(v, float(np.mean(rr)), len(rr)) for v, rr in reciprocal.items()]
     return sorted(table, key=lambda t: (-t[1], t[0]))
-
-
-def fmt(metric: str, value: float | None) -> str:
-    """Accuracies as percentages with one decimal, everything else with 3 significant digits."""
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return "nan"
-    if metric.endswith("acc"):
-        return f"{100 * value:.1f}"
-    return f"{value:.3g}"
-
-
-def fmt_pm(metric: str, mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return fmt(metric, mean) if std is None else f"{fmt(metric, mean)} ± {fmt(metric, std)}"
 
 
 def _table_groups(rows: Sequence[Row]) -> dict[tuple[str, int], list[Row]]:
@@ -455,39 +263,6 @@ def to_csv(rows: Sequence[Row]) -> str:
             + stds
         )
     return buf.getvalue()
-
-
-def load_runs(roots: Iterable[str | Path], eval_name: str = FINAL):
-    """Every run's config and per-length metrics as a pandas DataFrame: one row per run and
-    evaluation length, columns path, task, variant, seed, step, length, ood, the metrics, and
-    `config.<field>` for every config field (pandas is the optional `analysis` extra)."""
-    try:
-        import pandas as pd
-    except ImportError:
-        raise ImportError("load_runs needs pandas: pip install -e '.[analysis]'") from None
-    records = []
-    for path in find_runs(roots, eval_name):
-        results = json.loads((path / results_file(eval_name)).read_text())
-        config = {f"config.{k}": v for k, v in flatten(results.get("config", {})).items()}
-        for n, m in results["per_length"].items():
-            records.append(
-                {
-                    "path": str(path),
-                    "task": results["task"],
-                    "variant": results["variant"],
-                    "seed": results.get("seed"),
-                    "step": results.get("step"),
-                    "length": int(n),
-                    "ood": int(n) > int(results["train_max_length"]),
-                    **{
-                        k: _number(v)
-                        for k, v in m.items()
-                        if v is None or isinstance(v, int | float)
-                    },
-                    **config,
-                }
-            )
-    return pd.DataFrame.from_records(records)
 
 
 _SPECIAL_LABELS = {0: "pad", 1: "bos", 2: "sep", 3: "_"}

@@ -46,16 +46,16 @@ from pathlib import Path
 
 from attn.registry import ConfigError
 from experiments import plots
-from experiments.compare import (
+from experiments.runs import (
     BOOKKEEPING,
     CompareError,
-    _differing,
-    _mean_std,
-    _number,
+    differing,
     find_runs,
     flatten,
     fmt,
     group_runs,
+    mean_std,
+    number,
 )
 from experiments.workdir import atomic_write_text
 
@@ -276,7 +276,7 @@ def load_grid(path: Path) -> GridRun:
             train_max_length=int(g["train_max_length"]),
             axes=tuple(g["axes"]),
             lengths=tuple(int(v) for v in g["lengths"]),
-            cells={(int(c["len_a"]), int(c["len_b"])): _number(c[metric]) for c in g["cells"]},
+            cells={(int(c["len_a"]), int(c["len_b"])): number(c[metric]) for c in g["cells"]},
             metric=metric,
             settings={k: v for k, v in flatten(config).items() if not k.startswith(BOOKKEEPING)},
         )
@@ -294,7 +294,7 @@ def summarize_grids(runs: Sequence[GridRun], pool: Sequence[str] = ()) -> list[G
         by_variant.setdefault((task, length, variant), []).append(dict(kept))
     rows = []
     for (task, length, variant, kept), members in groups.items():
-        differ = _differing(by_variant[(task, length, variant)])
+        differ = differing(by_variant[(task, length, variant)])
         extra = ", ".join(f"{k}={dict(kept).get(k)}" for k in differ)
         row = GridRow(
             task=task,
@@ -306,7 +306,7 @@ def summarize_grids(runs: Sequence[GridRun], pool: Sequence[str] = ()) -> list[G
             runs=list(members),
         )
         for cell in sorted({c for r in members for c in r.cells}):
-            row.cells[cell] = _mean_std([r.cells[cell] for r in members if cell in r.cells])
+            row.cells[cell] = mean_std([r.cells[cell] for r in members if cell in r.cells])
         rows.append(row)
     return sorted(rows, key=lambda r: (r.task, r.train_max_length, r.label))
 

@@ -56,8 +56,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.sweep import STATUS_FILE, SweepError
-from experiments.workdir import DONE, RunError, StopSignals, atomic_write_json, workdir_lock
+from experiments.workdir import (
+    DONE,
+    SWEEP_STATUS_FILE,
+    RunError,
+    StopSignals,
+    SweepError,
+    atomic_write_json,
+    workdir_lock,
+)
 
 SLURM_FOLDER = "slurm"  # submitit's pickles and each task's own log, under the sweep root
 # squeue states of a job that will still run, or is running.
@@ -550,7 +557,7 @@ def run_sweep(
     unless wait=False; return the status dict (also in workdir/sweep_status.json).
     `make_jobs(points)` groups points into programs as the local backend does."""
     root = Path(workdir).absolute()
-    previous = _read_json(root / STATUS_FILE) or {}
+    previous = _read_json(root / SWEEP_STATUS_FILE) or {}
     recorded = {
         p.name: previous["points"][p.name]
         for p in points
@@ -628,7 +635,7 @@ def run_sweep(
                 f"./launch.sh sweep --status {workdir}",
                 flush=True,
             )
-        atomic_write_json(root / STATUS_FILE, status)
+        atomic_write_json(root / SWEEP_STATUS_FILE, status)
         if not wait:
             return status
         detached = follow(status, root, names, poll)
@@ -636,7 +643,7 @@ def run_sweep(
         left = [n for n in names if status["points"][n]["status"] in ("queued", "running")]
         jobs_left = sorted({status["points"][n]["slurm_job"].split("_")[0] for n in left})
         status["detached"] = signal.Signals(detached).name
-        atomic_write_json(root / STATUS_FILE, status)
+        atomic_write_json(root / SWEEP_STATUS_FILE, status)
         print(
             f"[sweep] {signal.Signals(detached).name}: stopped following; {len(left)} points are "
             f"still queued or running on SLURM. Follow them with ./launch.sh sweep --status "
@@ -667,7 +674,7 @@ def follow(status: dict, root: Path, names: Sequence[str], poll: float) -> int |
                     print(f"[sweep] FAILED {name} (job {s['slurm_job']})")
             sys.stdout.flush()
             if changes:
-                atomic_write_json(root / STATUS_FILE, status)
+                atomic_write_json(root / SWEEP_STATUS_FILE, status)
             if not any(points[n]["status"] in ("queued", "running") for n in names):
                 return None
             deadline = time.monotonic() + poll

@@ -76,19 +76,23 @@ from typing import Any
 from attn.registry import ConfigError
 from experiments import devices
 from experiments.config_utils import ArgumentParser
-from experiments.workdir import DONE, RunError, StopSignals, atomic_write_json, workdir_lock
+from experiments.workdir import (
+    DONE,
+    SWEEP_STATUS_FILE,
+    RunError,
+    StopSignals,
+    SweepError,
+    atomic_write_json,
+    workdir_lock,
+)
 
 DRIVER = (sys.executable, "-m", "experiments.main", "--mode", "train")
 SEEDS_DRIVER = (sys.executable, "-m", "experiments.seeds")
-STATUS_FILE = "sweep_status.json"
+STATUS_FILE = SWEEP_STATUS_FILE
 LOG_FILE = "sweep.log"
 STOP_GRACE_S = 120  # how long a stopped point may take to save its checkpoint
 # Characters kept in a point's directory name; anything else becomes "_".
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot start (bad config file or grid). One line."""
 
 
 def split_config_spec(spec: str) -> tuple[str, str | None]:

@@ -39,10 +39,16 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 DONE = "DONE"
+SWEEP_STATUS_FILE = "sweep_status.json"  # a sweep root's point -> state record
 
 
 class RunError(RuntimeError):
     """A one-line, user-facing runtime failure: the entry point prints it and exits with 1."""
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start (bad config file or grid). One line; sweep and its SLURM
+    backend both raise it."""
 
 
 def one_line(error: BaseException | str, limit: int = 240) -> str:

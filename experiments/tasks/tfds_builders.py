@@ -122,10 +122,8 @@ class AttnTaskEval(_LocalBuilder):
         return {"test": self._generate_examples()}
 
     def _generate_examples(self):
-        from experiments import tasks
-
         cfg = self.builder_config
-        task = tasks.build(json.loads(cfg.task_cfg))
+        task = self.task  # set by task_eval_builder: the task object, not rebuilt from JSON
         for start in range(0, cfg.num_examples, 256):
             idx = range(start, min(start + 256, cfg.num_examples))
             chunk = task.examples(cfg.seed, idx, cfg.length)
@@ -163,9 +161,11 @@ def task_eval_builder(task, *, length: int, num_examples: int, seed: int, data_d
         num_examples=num_examples,
         seed=seed,
     )
-    return AttnTaskEval(
+    builder = AttnTaskEval(
         config=config, data_dir=resolve_data_dir(data_dir), file_format="array_record"
     )
+    builder.task = task
+    return builder
 
 
 def task_eval_source(task, *, length: int, num_examples: int, seed: int, data_dir=None):
