@@ -6,8 +6,9 @@ paper's number comes from, and a check over compare's rows (experiments/compare.
 returns the measured figure and whether the claim holds. A claim that does not hold is a
 result, not an error.
 
-Rows are chosen with `select(rows, pe=..., sampler=..., task=...)`: the settings a row's runs
-share (the encoding's registry name, the position sampler's), so labels do not matter.
+Rows are chosen with `select(rows, pe=..., sampler=..., task=..., **{"config.path": value})`:
+the settings a row's runs share (the encoding's registry name, the position sampler's, any
+config field), so labels do not matter.
 
 Checks:
 - `ratio(text, paper, pe, metric, at, over, below=None, above=None)`: the metric at
@@ -16,8 +17,11 @@ Checks:
 - `better(text, paper, a, b, metric, where)`: row a's ID or OOD mean beats row b's (for every
   task, or on the mean over tasks).
 - `mean_gain(text, paper, a, b, metric, at_least)`: mean over tasks of a's OOD mean minus b's.
-- `fits(text, paper, metric, at_least)`: every row's in-distribution mean reaches a level (the
-  mini fits its training lengths, so the OOD comparison means something).
+- `fits(text, paper, metric, at_least, rows_of=None)`: every row's (or the chosen rows')
+  in-distribution mean reaches a level (the mini fits its training lengths, so the OOD
+  comparison means something).
+- `reaches(text, paper, rows_of, metric, at, at_least)`: the chosen rows' metric at one
+  evaluation length ("2x" or a number) reaches a level.
 - `top_by_mrr(text, paper, expected, k)`: the first k encodings by mean reciprocal rank over
   tasks include the paper's first.
 """
@@ -50,9 +54,10 @@ def _setting(row, key: str):
     return row.runs[0].settings.get(key)
 
 
-def select(rows, *, pe: str | None = None, sampler: str | None = None, task=None) -> list:
+def select(rows, *, pe: str | None = None, sampler: str | None = None, task=None, **fields) -> list:
     """Rows whose runs use encoding `pe` and position sampler `sampler` (identity when the
-    model has no sampler field), optionally of one task."""
+    model has no sampler field), optionally of one task; any other keyword is a config field
+    the runs share, by its dotted path: `select(rows, **{"task.index_hints": True})`."""
     out = []
     for r in rows:
         if pe is not None and _setting(r, "model.pe.name") != pe:
@@ -61,9 +66,13 @@ def select(rows, *, pe: str | None = None, sampler: str | None = None, task=None
             continue
         if task is not None and r.task != task:
             continue
+        if any(_setting(r, key) != value for key, value in fields.items()):
+            continue
         out.append(r)
     if not out:
-        raise LookupError(f"no row with pe={pe!r}, sampler={sampler!r}, task={task!r}")
+        wanted = {"pe": pe, "sampler": sampler, "task": task, **fields}
+        said = ", ".join(f"{k}={v!r}" for k, v in wanted.items() if v is not None)
+        raise LookupError(f"no row with {said or 'any setting'}")
     return out
 
 
@@ -136,14 +145,31 @@ def mean_gain(text, paper, *, a: dict, b: dict, metric: str, at_least: float) ->
     return Claim(text, paper, check)
 
 
-def fits(text, paper, *, metric: str, at_least: float) -> Claim:
+def fits(text, paper, *, metric: str, at_least: float, rows_of: dict | None = None) -> Claim:
+    """Every row's (or every row of the select() filter `rows_of`) in-distribution mean
+    reaches `at_least`."""
+
     def check(rows):
         rows = [r for r in rows if r.metric == metric]
         if not rows:
             raise LookupError(f"no row reports {metric}")
+        if rows_of:
+            rows = select(rows, **rows_of)
         worst = min(rows, key=lambda r: _score(r, "id"))
         value = _score(worst, "id")
         return value, value >= at_least, f"lowest ID mean {_fmt(value)} ({worst.label})"
+
+    return Claim(text, paper, check)
+
+
+def reaches(text, paper, *, rows_of: dict, metric: str, at, at_least: float) -> Claim:
+    """The mean over tasks of the rows_of rows' metric at evaluation length `at` (a multiple
+    of the training length, "2x", or a length) reaches `at_least`."""
+
+    def check(rows):
+        chosen = select([r for r in rows if r.metric == metric], **rows_of)
+        value = float(np.mean([_at(r, _length(r, at)) for r in chosen]))
+        return value, value >= at_least, f"{metric} at {at} = {_fmt(value)} (claim: >= {at_least})"
 
     return Claim(text, paper, check)
 

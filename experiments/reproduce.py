@@ -6,14 +6,16 @@
 NAME is a reproduction config: press (configs/press_lm.py), kazemnejad, deletang, and the
 frontier ones that define claims. The command runs the config's grid with experiments.sweep
 (resumable: re-running skips what is DONE) into runs/reproduce/NAME[_mini], compares it into
-reports/NAME[_mini] (table.md, table.csv, length_curves.png), evaluates the config's
+reports/NAME[_mini] (table.md, table.csv, length_curves.png; with the config's
+`CLAIMS_GRID = True` also grid.md and grid_heatmaps.png of the 2-D operand-length evaluation,
+compare --grid), evaluates the config's
 `get_claims(arg)` (experiments/claims.py) on the comparison and prints each claim with its
 measured figure and "holds" or "does not hold"; reports/NAME[_mini]/claims.md and claims.json
 keep them with the command, date, machine and commit. A claim that does not hold is a
 result, not an error: the exit status is 0 and the summary line says how many held.
 
 `--results` rewrites RESULTS.md from every reports/*/claims.json (each with its table, claims,
-command, date, machine and commit), copies each length_curves.png to results/, and appends
+command, date, machine and commit), copies each report's plots to results/, and appends
 results/measurements.md (earlier hand-written measurements that are not claims).
 """
 
@@ -107,6 +109,7 @@ def reproduce(name: str, *, mini: bool, parallel: int) -> dict:
         out,
         metric=getattr(module, "CLAIMS_METRIC", None),
         pool=getattr(module, "CLAIMS_POOL", ()),
+        grid=getattr(module, "CLAIMS_GRID", False),
     )
     claims = [c.evaluate(report["rows"]) for c in module.get_claims(arg)]
     held = sum(c["holds"] is True for c in claims)
@@ -134,7 +137,7 @@ def reproduce(name: str, *, mini: bool, parallel: int) -> dict:
 
 
 def write_results() -> Path:
-    """RESULTS.md from every reports/*/claims.json, and results/<name>_length_curves.png."""
+    """RESULTS.md from every reports/*/claims.json; its plots copied to results/<name>_*.png."""
     records = []
     for path in sorted((ROOT / "reports").glob("*/claims.json")):
         records.append((path.parent, json.loads(path.read_text())))
@@ -150,11 +153,13 @@ def write_results() -> Path:
     for folder, record in records:
         parts.append(claims_markdown(record))
         parts.append((folder / "table.md").read_text())
-        png = folder / "length_curves.png"
-        if png.exists():
-            target = ROOT / "results" / f"{folder.name}_length_curves.png"
-            shutil.copyfile(png, target)
-            parts.append(f"![{folder.name}](results/{target.name})\n")
+        if (folder / "grid.md").exists():
+            parts.append((folder / "grid.md").read_text())
+        for plot in ("length_curves.png", "grid_heatmaps.png"):
+            if (folder / plot).exists():
+                target = ROOT / "results" / f"{folder.name}_{plot}"
+                shutil.copyfile(folder / plot, target)
+                parts.append(f"![{folder.name} {plot[:-4]}](results/{target.name})\n")
     notes = ROOT / "results" / "measurements.md"
     if notes.exists():
         parts.append(notes.read_text())

@@ -66,8 +66,25 @@ def test_claims_measure_what_they_say(rows):
     assert out["figure"] == pytest.approx(0.575 - 0.375) and out["holds"] is True
     f = claims.fits("x", "p", metric="token_acc", at_least=0.85).evaluate(rows)
     assert f["figure"] == pytest.approx(0.8) and f["holds"] is False
+    # OOD ranks per task: rope/randomized 1st, alibi 2nd, rope/identity 3rd on both tasks.
     m = claims.top_by_mrr("x", "p", expected=("alibi",), k=1).evaluate(rows)
-    assert m["holds"] in (True, False) and m["detail"].startswith("MRR order: ")
+    assert m["figure"] == 2.0 and m["holds"] is False
+    assert m["detail"] == "MRR order: rope > alibi > rope"
+    assert claims.top_by_mrr("x", "p", expected=("alibi",), k=2).evaluate(rows)["holds"] is True
+    f = claims.fits("x", "p", metric="token_acc", at_least=0.95, rows_of={"pe": "alibi"})
+    assert f.evaluate(rows)["figure"] == pytest.approx(1.0)
+    # rope/randomized at 4x the training length (32): 0.7 on t1, 0.5 on t2.
+    at = claims.reaches("x", "p", rows_of={"sampler": "randomized"}, metric="token_acc",
+                        at="4x", at_least=0.6)  # fmt: skip
+    out = at.evaluate(rows)
+    assert out["figure"] == pytest.approx(0.6) and out["holds"] is True
+
+
+def test_rows_are_chosen_by_any_config_field(rows):
+    chosen = claims.select(rows, **{"model.positions.name": "randomized"})
+    assert sorted(r.task for r in chosen) == ["t1", "t2"]
+    with pytest.raises(LookupError, match="no row with pe='rope', task.index_hints=True"):
+        claims.select(rows, pe="rope", **{"task.index_hints": True})
 
 
 def test_a_claim_whose_rows_were_not_run_is_not_measured(rows):
