@@ -235,6 +235,12 @@ def main(argv=None) -> int:
             raise ConfigError(
                 f"--workdir: model {config.model.name!r} ({layout} layout) cannot generate"
             )
+        positions = config.task.get("positions", "none")
+        if positions != "none":  # decode numbers positions by slot, not by the task's ids
+            raise ConfigError(
+                f"--workdir: the run's task supplies its own position ids (task.positions="
+                f"{positions!r}); generate numbers positions by slot, so it cannot decode this run"
+            )
         task = tasks.build(config.task)
         parser.check(args.top_k <= task.vocab_size, "--top_k", f"at most {task.vocab_size}")
         ids = task.encode(args.prompt)

@@ -132,6 +132,13 @@ def test_generate_workdirs(runs, tmp_path, capsys):
     broken.mkdir()
     (broken / "config.json").write_text('{"model": ')
     one_line(capsys, exit_status(generate.main, [*argv, str(broken)]), 2, "not a readable config")
+    coupled = tmp_path / "coupled"
+    coupled.mkdir()
+    config = json.loads((runs / "decoder" / "config.json").read_text())
+    config["task"]["positions"] = "coupled"
+    (coupled / "config.json").write_text(json.dumps(config))
+    status = exit_status(generate.main, [*argv, str(coupled)])
+    one_line(capsys, status, 2, "task supplies its own position ids (task.positions='coupled')")
 
 
 @pytest.mark.parametrize(
