@@ -36,12 +36,12 @@ standard), op (add | mul | sort), mini (bool: MINI below), seeds (sweep size, 0:
 Expected wall time: full, per run about 2-4 GPU-hours on one H100/H200 in bfloat16 for
 50,000 steps of batch 512 at 64 tokens (estimated from the looped model's ~135M effective
 parameters per token, not measured here), plus the 12 x 12 grid; the sweep is 18 runs.
-Mini: MINI's docstring line; measured in the closing note of the frontier issue.
+Mini: MINI below (`./launch.sh reproduce abacus --mini`); what it measured is in RESULTS.md.
 """
 
 from attn.registry import require
 from configs import frontier
-from experiments import config_utils
+from experiments import claims, config_utils
 
 EMBEDDINGS = ("abacus", "nope", "fire")
 ARCHS = ("looped", "standard")
@@ -53,11 +53,11 @@ OPS = {
     "sort": ("number_sort", 10, (5, 10, 15, 20, 30), None),
 }
 
-# The reduced protocol, about 8 minutes per run on 2 shared CPU cores: operands of 1-6 digits,
+# The reduced protocol, minutes per run on 2 CPU cores: operands of 1-6 digits,
 # tested to 16 (2.7x; the paper 5-6x), a looped 1-layer block of width 128 applied twice,
 # 3,000 steps of batch 64; Abacus (k ~ U{0..10}) against NoPE, one seed; a 6 x 6 grid of
-# 100 examples a cell. Sized by in-distribution fit (width 64 did not fit 6x6-digit sums in
-# 2,500 steps, width 128 reached 90% exact match there), not tuned on lengths 7-16.
+# 100 examples a cell. Sized by in-distribution fit (sizes tried: RESULTS.md), not tuned on
+# lengths 7-16.
 MINI = {
     "emb": ("abacus", "nope"),
     "max_length": 6,
@@ -163,3 +163,30 @@ def get_sweep(arg: str | None = None):
         "arch": ARCHS,
         "seed": range(args["seeds"]) if args["seeds"] else SEEDS,
     }
+
+
+CLAIMS_METRIC = "seq_acc"
+CLAIMS_GRID = True
+
+
+def get_claims(arg: str | None = None):
+    """The paper's findings as checks on compare's rows (./launch.sh reproduce abacus)."""
+    paper = "McLeish et al. 2024 (looped 1 x 16, trained on <= 20 digits)"
+    abacus, nope = {"pe": "learned", "sampler": "offset"}, {"pe": "none"}
+    return [
+        claims.fits(
+            "every embedding fits the training lengths (in-distribution exact match >= 90 %)",
+            f"{paper}: in-distribution cells of the heatmaps near 100 % for every embedding",
+            metric="seq_acc", at_least=0.9,
+        ),
+        claims.better(
+            "Abacus beats NoPE beyond the training length (exact match)",
+            f"{paper}: Abacus up to 99 % at 100 digits, NoPE and FIRE far lower",
+            a=abacus, b=nope, metric="seq_acc",
+        ),
+        claims.reaches(
+            "Abacus keeps >= 90 % exact match at twice the training length",
+            f"{paper}: up to 99 % at 6x (100 digits)",
+            rows_of=abacus, metric="seq_acc", at="2x", at_least=0.9,
+        ),
+    ]  # fmt: skip

@@ -35,13 +35,14 @@ MINI below), seeds (sweep size, 0: the protocol's).
 
 Expected wall time: full, per run about 1-2 GPU-hours on one H100/H200 (50,000 steps of
 batch 1000 at ~64 tokens through a 12M-parameter layer; estimated from FLOPs, not measured
-here) plus the evaluation up to 200 digits; the sweep is 3 encodings x 3 seeds. Mini: see
-MINI; measured in the closing note of the frontier issue.
+here) plus the evaluation up to 200 digits; the sweep is 3 encodings x 3 seeds. Mini:
+MINI below (`./launch.sh reproduce position_coupling --mini`); what it measured is in
+RESULTS.md.
 """
 
 from attn.registry import require
 from configs import frontier
-from experiments import config_utils
+from experiments import claims, config_utils
 
 EMBEDDINGS = ("coupled", "nope", "random_start")
 SEEDS = (0, 1, 2)
@@ -130,3 +131,31 @@ def get_sweep(arg: str | None = None):
     if args["mini"]:
         return {"emb": MINI["emb"], "seed": range(args["seeds"] or 1)}
     return {"emb": EMBEDDINGS, "seed": range(args["seeds"]) if args["seeds"] else SEEDS}
+
+
+CLAIMS_METRIC = "seq_acc"
+CLAIMS_GRID = True
+
+
+def get_claims(arg: str | None = None):
+    """The paper's findings as checks on compare's rows (./launch.sh reproduce
+    position_coupling)."""
+    paper = "Cho et al. 2024 (1-layer 4-head decoder, trained on 1-30 digits)"
+    coupled, nope = {"pe": "learned", "task.positions": "coupled"}, {"pe": "none"}
+    return [
+        claims.fits(
+            "every encoding fits the training lengths (in-distribution exact match >= 90 %)",
+            f"{paper}: NoPE and coupling both train to near-perfect in-distribution accuracy",
+            metric="seq_acc", at_least=0.9,
+        ),
+        claims.better(
+            "coupled positions beat NoPE beyond the training length (exact match)",
+            f"{paper}: coupling adds 200-digit numbers; NoPE fails beyond the trained lengths",
+            a=coupled, b=nope, metric="seq_acc",
+        ),
+        claims.reaches(
+            "coupled positions keep >= 90 % exact match at twice the training length",
+            f"{paper}: > 95 % exact match up to 200 digits (6.67x)",
+            rows_of=coupled, metric="seq_acc", at="2x", at_least=0.9,
+        ),
+    ]  # fmt: skip

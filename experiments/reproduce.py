@@ -8,7 +8,8 @@ frontier ones that define claims. The command runs the config's grid with experi
 (resumable: re-running skips what is DONE) into runs/reproduce/NAME[_mini], compares it into
 reports/NAME[_mini] (table.md, table.csv, length_curves.png; with the config's
 `CLAIMS_GRID = True` also grid.md and grid_heatmaps.png of the 2-D operand-length evaluation,
-compare --grid), evaluates the config's
+compare --grid; `CLAIMS_METRIC` names the table's metric, or a tuple whose first is the table's
+and whose others claims may check too), evaluates the config's
 `get_claims(arg)` (experiments/claims.py) on the comparison and prints each claim with its
 measured figure and "holds" or "does not hold"; reports/NAME[_mini]/claims.md and claims.json
 keep them with the command, date, machine and commit. A claim that does not hold is a
@@ -104,14 +105,17 @@ def reproduce(name: str, *, mini: bool, parallel: int) -> dict:
     status = sweep.run_sweep(spec, workdir, parallel=parallel)
     if status.get("stopped"):
         return {"stopped": status["stopped"]}
+    metrics = getattr(module, "CLAIMS_METRIC", None)
+    metrics = (metrics,) if metrics is None or isinstance(metrics, str) else tuple(metrics)
+    pool = getattr(module, "CLAIMS_POOL", ())
     report = compare.compare(
-        [workdir],
-        out,
-        metric=getattr(module, "CLAIMS_METRIC", None),
-        pool=getattr(module, "CLAIMS_POOL", ()),
-        grid=getattr(module, "CLAIMS_GRID", False),
+        [workdir], out, metric=metrics[0], pool=pool, grid=getattr(module, "CLAIMS_GRID", False)
     )
-    claims = [c.evaluate(report["rows"]) for c in module.get_claims(arg)]
+    rows = list(report["rows"])
+    if len(metrics) > 1:  # claims on further metrics: their rows too (the table shows the first)
+        runs, _ = compare.load_all([workdir])
+        rows += [r for m in metrics[1:] for r in compare.summarize(runs, m, pool)]
+    claims = [c.evaluate(rows) for c in module.get_claims(arg)]
     held = sum(c["holds"] is True for c in claims)
     record = {
         "name": name,

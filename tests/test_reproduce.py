@@ -109,10 +109,13 @@ _TINY = textwrap.dedent(
     def get_sweep(arg=None):
         return {"pe": ["alibi", "rope"]}
 
+    CLAIMS_METRIC = ("token_acc", "loss")  # the table's metric, then one more for claims
+
     def get_claims(arg=None):
         return [
             claims.fits("fits", "paper", metric="token_acc", at_least=0.0),
             claims.fits("fits perfectly", "paper", metric="token_acc", at_least=1.01),
+            claims.fits("has a loss", "paper", metric="loss", at_least=0.0),
         ]
     """
 )
@@ -127,14 +130,16 @@ def test_reproduce_runs_compares_checks_and_writes_results(tmp_path, monkeypatch
     assert reproduce.main(["tiny", "--parallel", "2"]) == 0
     out = capsys.readouterr().out
     assert "[holds] fits:" in out and "[does not hold] fits perfectly:" in out
-    assert "reproduce tiny: 1 of 2 claims hold" in out
+    assert "[holds] has a loss: lowest ID mean" in out  # rows of the second metric were made
+    assert "reproduce tiny: 2 of 3 claims hold" in out
     record = json.loads((tmp_path / "reports" / "tiny" / "claims.json").read_text())
-    assert record["held"] == 1 and record["total"] == 2 and record["runs"] == 2
+    assert record["held"] == 2 and record["total"] == 3 and record["runs"] == 2
+    assert "token_acc" in (tmp_path / "reports" / "tiny" / "table.md").read_text()
     assert record["command"] == "./launch.sh reproduce tiny --parallel 2"
     assert "claims hold" in (tmp_path / "reports" / "tiny" / "claims.md").read_text()
     assert reproduce.main(["--results"]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## tiny: 1 of 2 claims hold" in text and "### t" not in text[:10]
+    assert "## tiny: 2 of 3 claims hold" in text and "### t" not in text[:10]
     assert (tmp_path / "results" / "tiny_length_curves.png").exists()
     shutil.rmtree(tmp_path / "runs")
 
