@@ -33,8 +33,8 @@ writes to --out:
 
 A run directory whose results file cannot be read is skipped with one line naming it; a run
 whose loss or metrics are not finite counts as diverged and stays out of the means.
-`load_runs(roots)` (experiments/runs.py) returns every run's config and per-length metrics as a pandas DataFrame
-(pandas: `pip install -e .[analysis]`).
+`load_runs(roots)` (experiments/runs.py) returns every run's config and per-length metrics as
+a pandas DataFrame (pandas: `pip install -e .[analysis]`).
 """
 
 from __future__ import annotations
