@@ -116,6 +116,14 @@ def _restore_target(x):
     return ocp.utils.to_shape_dtype_struct(np.asarray(x) if np.isscalar(x) else x)
 
 
+class _ReadOnlyNotices(logging.Filter):
+    """Drops orbax's warnings that a read-only manager is read-only (three per reader)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("read_only=True, setting" in text or "directory is read only" in text)
+
+
 class _HeldOrbaxErrors(logging.Filter):
     """Holds back orbax's own ERROR records (logged with tracebacks from its threads) from the
     dispatch of a save until it has committed, and during a restore.
@@ -204,6 +212,9 @@ class Checkpointer:
         self._failed = False  # a save failed and was reported
         self._held = _HeldOrbaxErrors()
         logging.getLogger("absl").addFilter(self._held)
+        quiet = _ReadOnlyNotices() if read_only else None  # orbax says what we asked for
+        if quiet:
+            logging.getLogger("absl").addFilter(quiet)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             # Every `every` steps, or when a preemption is noticed (not orbax's default
@@ -234,6 +245,9 @@ class Checkpointer:
             raise RunError(
                 f"checkpoint directory {self.directory} is not usable: {one_line(e)}"
             ) from None
+        finally:
+            if quiet:
+                logging.getLogger("absl").removeFilter(quiet)
 
     # -- saving
 

@@ -84,6 +84,17 @@ def test_round_trip_keep_last_n_and_manifest(tmp_path):
     assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
 
 
+def test_a_reader_restores_without_orbax_notices(tmp_path, caplog):
+    with ck.Checkpointer(tmp_path, keep=1) as c:
+        c.save(1, _state(1))
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        with ck.Checkpointer(tmp_path, read_only=True) as reader:
+            restored, step = reader.restore(_state(0))
+    assert step == 1
+    _assert_same(restored, _state(1))
+    assert not [r for r in caplog.records if "read only" in r.getMessage().replace("_", " ")]
+
+
 def test_sync_save_is_committed_on_return(tmp_path):
     c = ck.Checkpointer(tmp_path, keep=1, async_save=False)
     c.save(7, _state(7))
