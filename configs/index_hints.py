@@ -45,7 +45,7 @@ GRID_LENGTHS = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 
 # The reduced protocol, minutes per run on 2 shared CPU cores: operands of 1-6 digits tested
 # to 15 (2.5x, the paper's ratio), a 2-layer width-128 decoder with FIRE and randomized
-# positions from [0, 128), 3,000 steps of batch 64; with and without index hints, one seed; a
+# positions from [0, 128), 6,000 steps of batch 64; with and without index hints, one seed; a
 # 6 x 6 grid. Sized by in-distribution fit and budget (sizes tried: RESULTS.md), not tuned on
 # lengths 7-15.
 MINI = {
@@ -57,7 +57,7 @@ MINI = {
     "size": "xs",
     "d_model": 128,
     "mlp_dim": 512,
-    "steps": 3000,
+    "steps": 6000,
     "batch_size": 64,
     "lr": 1e-3,
     "max_position": 128,
