@@ -41,7 +41,7 @@ Mini: MINI below (`./launch.sh reproduce abacus --mini`); what it measured is in
 
 from attn.registry import require
 from configs import frontier
-from experiments import claims, config_utils
+from experiments import config_utils
 
 EMBEDDINGS = ("abacus", "nope", "fire")
 ARCHS = ("looped", "standard")
@@ -171,22 +171,13 @@ CLAIMS_GRID = True
 
 def get_claims(arg: str | None = None):
     """The paper's findings as checks on compare's rows (./launch.sh reproduce abacus)."""
-    paper = "McLeish et al. 2024 (looped 1 x 16, trained on <= 20 digits)"
-    abacus, nope = {"pe": "learned", "sampler": "offset"}, {"pe": "none"}
-    return [
-        claims.fits(
-            "every embedding fits the training lengths (in-distribution exact match >= 90 %)",
-            f"{paper}: in-distribution cells of the heatmaps near 100 % for every embedding",
-            metric="seq_acc", at_least=0.9,
+    return frontier.arithmetic_claims(
+        "McLeish et al. 2024 (looped 1 x 16, trained on <= 20 digits)",
+        ours=("Abacus", {"pe": "learned", "sampler": "offset"}),
+        baseline=("NoPE", {"pe": "none"}),
+        says=(
+            "in-distribution cells of the heatmaps near 100 % for every embedding",
+            "Abacus up to 99 % at 100 digits, NoPE and FIRE far lower",
+            "up to 99 % at 6x (100 digits)",
         ),
-        claims.better(
-            "Abacus beats NoPE beyond the training length (exact match)",
-            f"{paper}: Abacus up to 99 % at 100 digits, NoPE and FIRE far lower",
-            a=abacus, b=nope, metric="seq_acc",
-        ),
-        claims.reaches(
-            "Abacus keeps >= 90 % exact match at twice the training length",
-            f"{paper}: up to 99 % at 6x (100 digits)",
-            rows_of=abacus, metric="seq_acc", at="2x", at_least=0.9,
-        ),
-    ]  # fmt: skip
+    )

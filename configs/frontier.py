@@ -26,7 +26,7 @@ minutes on a GPU); not measured for each task here.
 """
 
 from configs import base
-from experiments import config_utils
+from experiments import claims, config_utils
 
 ARGS = {**base.ARGS, "task": "long_addition", "model": "decoder", "pe": "none"}
 SMOKE_ARGS = "smoke=true"
@@ -38,3 +38,27 @@ def get_config(arg: str | None = None):
     if not args["smoke"]:
         config.eval.lengths = "task"
     return config
+
+
+def arithmetic_claims(
+    paper: str, *, ours: tuple[str, dict], baseline: tuple[str, dict], says: tuple
+):
+    """The three claims of a position scheme for arithmetic (Abacus, coupling) against a baseline,
+    on exact match: every row fits the training lengths; ours beats the baseline beyond them;
+    ours keeps >= 90 % at twice the training length. `says`: the paper's figures for the
+    three, in that order."""
+    (name, rows), (base_name, base_rows) = ours, baseline
+    return [
+        claims.fits(
+            "every encoding fits the training lengths (in-distribution exact match >= 90 %)",
+            f"{paper}: {says[0]}", metric="seq_acc", at_least=0.9,
+        ),
+        claims.better(
+            f"{name} beats {base_name} beyond the training length (exact match)",
+            f"{paper}: {says[1]}", a=rows, b=base_rows, metric="seq_acc",
+        ),
+        claims.reaches(
+            f"{name} keeps >= 90 % exact match at twice the training length",
+            f"{paper}: {says[2]}", rows_of=rows, metric="seq_acc", at="2x", at_least=0.9,
+        ),
+    ]  # fmt: skip

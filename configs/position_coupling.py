@@ -42,7 +42,7 @@ RESULTS.md.
 
 from attn.registry import require
 from configs import frontier
-from experiments import claims, config_utils
+from experiments import config_utils
 
 EMBEDDINGS = ("coupled", "nope", "random_start")
 SEEDS = (0, 1, 2)
@@ -140,22 +140,13 @@ CLAIMS_GRID = True
 def get_claims(arg: str | None = None):
     """The paper's findings as checks on compare's rows (./launch.sh reproduce
     position_coupling)."""
-    paper = "Cho et al. 2024 (1-layer 4-head decoder, trained on 1-30 digits)"
-    coupled, nope = {"pe": "learned", "task.positions": "coupled"}, {"pe": "none"}
-    return [
-        claims.fits(
-            "every encoding fits the training lengths (in-distribution exact match >= 90 %)",
-            f"{paper}: NoPE and coupling both train to near-perfect in-distribution accuracy",
-            metric="seq_acc", at_least=0.9,
+    return frontier.arithmetic_claims(
+        "Cho et al. 2024 (1-layer 4-head decoder, trained on 1-30 digits)",
+        ours=("coupling", {"pe": "learned", "task.positions": "coupled"}),
+        baseline=("NoPE", {"pe": "none"}),
+        says=(
+            "NoPE and coupling both train to near-perfect in-distribution accuracy",
+            "coupling adds 200-digit numbers; NoPE fails beyond the trained lengths",
+            "> 95 % exact match up to 200 digits (6.67x)",
         ),
-        claims.better(
-            "coupled positions beat NoPE beyond the training length (exact match)",
-            f"{paper}: coupling adds 200-digit numbers; NoPE fails beyond the trained lengths",
-            a=coupled, b=nope, metric="seq_acc",
-        ),
-        claims.reaches(
-            "coupled positions keep >= 90 % exact match at twice the training length",
-            f"{paper}: > 95 % exact match up to 200 digits (6.67x)",
-            rows_of=coupled, metric="seq_acc", at="2x", at_least=0.9,
-        ),
-    ]  # fmt: skip
+    )
