@@ -35,6 +35,7 @@ def metrics(rows, workload):
     return {(r["variant"], r["metric"]) for r in rows if r["workload"] == workload}
 
 
+@pytest.mark.slow  # ~30 s on 2 cores; tests/test_bench_peer.py steps bench's builders fast
 def test_in_process_workloads(capsys):
     rows = run(capsys, "--workload", "w1", "w2", "seeds", "gpu", "--variants", "alibi")
     peak = [r for r in rows if r["workload"] == "peak"]

@@ -22,6 +22,8 @@ from experiments.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
+# Step the same long_addition decoder as abacus.py and frontier.py: ~6 s each, run with -m slow.
+SLOW_CONFIGS = {"index_hints.py", "position_coupling.py"}
 
 
 def load(path: Path):
@@ -43,7 +45,14 @@ def smoke_config(path: Path):
     return config
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_CONFIGS else p
+        for p in CONFIG_FILES
+    ],
+    ids=lambda p: p.name,
+)
 def test_config_loads_validates_and_steps(path, tmp_path):
     assert load(path).__doc__, f"{path.name} needs a docstring with its command and expectations"
     config = smoke_config(path)

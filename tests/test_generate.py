@@ -40,7 +40,15 @@ def prompt_and_kw(name, B=2):
     return jnp.full((B, 1), gen.BOS, jnp.int32), kw
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+SLOW_CASES = {"encoder_decoder"}  # ~15 s on 2 cores (cross-attention decoding: -m slow)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)
+    ],
+)
 def case(request):
     return request.param, build(request.param)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from configs import formal
 from experiments import mesh as mesh_lib
@@ -24,6 +25,7 @@ def losses(workdir) -> list[float]:
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.slow  # ~27 s; CI's ./launch.sh test-cluster runs 2 jax.distributed ranks under srun
 def test_two_processes_match_one(tmp_path):
     cmd = [
         sys.executable,

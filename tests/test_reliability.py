@@ -927,6 +927,8 @@ def _assert_rows_close(rows: list[dict], ref_rows: list[dict], tol: float = 1e-5
                 assert math.isclose(row[key], ref[key], rel_tol=0, abs_tol=tol), (key, row, ref)
 
 
+@pytest.mark.slow  # ~17 s; fast tests: test_sharding_driver (4x2 mesh == 1 device) and
+# test_checkpoint (a checkpoint restores onto another mesh)
 def test_sharded_run_matches_unsharded_and_resumes_on_another_mesh(tmp_path, baseline):
     """Steps 1-8 on a 4x2 (data x model) mesh of 8 devices, killed, resumed on 1 device."""
     workdir = tmp_path / "run"

@@ -36,7 +36,10 @@ def _grads(remat: str, scan: bool):
     return fn(params, rest), getattr(memory, "temp_size_in_bytes", None)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize(
+    "scan",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # scanned: ~10 s more
+)
 def test_remat_gradients_equal_no_remat(scan):
     """Dropout on: the recomputed forward draws the same masks."""
     (loss0, g0), temp0 = _grads("none", scan)
