@@ -23,7 +23,8 @@ the papers' n ~ U{1..40}, one length per step, the same seeded sequence for both
 and compiled once with `dynamic=True` (a symbolic length). `w2`: bench.py's w2 decoder LM
 (4 layers, d_model 256, 4 heads, MLP 1024, vocab 256, pre-LN), batch 16 x 256 tokens, also as
 MFU against this run's float32 matmul peak (bench.py `peak`). Encodings both sides have: none,
-sinusoidal, learned, rope, alibi, t5. Threads: torch.set_num_threads = the cores XLA uses.
+sinusoidal, learned, rope, alibi, t5. Threads: torch.set_num_threads = the cores XLA uses;
+the peer runs with OMP_WAIT_POLICY=PASSIVE unless set (see `run`).
 
 What x-transformers 2.31.10 does differently: LayerNorm with a gain and no bias, an output
 head without bias (hence fewer parameters; both counts are reported), a learned scale on the
@@ -33,6 +34,7 @@ the library forbids it. The peer's loss covers every position (attn's w1 masks a
 answer slot; both compute the logits of every position).
 """
 
+import contextlib
 import json
 import os
 import select
@@ -194,14 +196,11 @@ class PeerProcess:
         return f"peer exited with status {code}{where}"
 
     def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, subprocess.TimeoutExpired):
+            self.proc.communicate(b'{"cmd": "quit"}\n', timeout=10)
         if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(b'{"cmd": "quit"}\n')
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.kill()
+            self.proc.wait()
         if self.log is not subprocess.DEVNULL:
             self.log.close()
 
@@ -310,9 +309,7 @@ class AttnSide:
         self.params = sum(int(np.size(x)) for x in jax.tree.leaves(self.state["params"]))
 
     def batch(self, n: int) -> dict:
-        if n not in self.host:
-            self.host[n] = self.make(n)
-        return self.host[n]
+        return self.host[n] if n in self.host else self.host.setdefault(n, self.make(n))
 
     def attn_length(self, n: int) -> int:
         return int(self.batch(n)["inputs"].shape[1])
@@ -438,7 +435,10 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
         raise SystemExit(str(e)) from None
     log = os.path.join(ROOT, ".peer", peer_name, "peer.log")
     cache = tempfile.mkdtemp(prefix="attn_peer_inductor_")  # cold torch.compile, every run
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    # libgomp's default spin-waiting made a 2-thread torch step 9x slower while another process
+    # held a core (0.3 s -> 2.8 s, w1 eager); passive waits also keep the peer's idle threads
+    # off the cores while attn runs. An OMP_WAIT_POLICY already set is kept.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     cmd = [python, "-I", os.path.join(ROOT, PEERS[peer_name]["script"])]
     peer, results = PeerProcess(cmd, log, env=env), []
     try:
@@ -448,7 +448,8 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
             modes.remove("compile")
             ctx.report.note(ctx.name, "compile", "skipped: no C++ compiler for torch.compile")
         versions = f"torch {info['torch']}, {peer_name} {info['x_transformers']}"
-        ctx.report.note(ctx.name, "versions", f"{versions}, {threads} threads")
+        omp = f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}"
+        ctx.report.note(ctx.name, "versions", f"{versions}, {threads} threads, {omp}")
         bench.peak(ctx)
         for workload in workloads:
             k = ctx.steps or (2 if ctx.smoke else 3 if workload == "w2" else 10)
@@ -464,7 +465,7 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
         f"\n{table(results, peer_name)}\n\n{details(results, ctx.report.peak_gflops)}\n\n"
         f"{m['cpu']}, {m['cores']} cores, load average {m['loadavg']}, jax {m['jax']} "
         f"({m['backend']}), torch {info['torch']}, {peer_name} {info['x_transformers']}, "
-        f"{len(os.sched_getaffinity(0))} threads each; matmul peak "
+        f"{threads} threads each, peer {omp}; matmul peak "
         f"{_num(ctx.report.peak_gflops, '{:.0f}')} GFLOP/s (float32, this run); {m['date']}",
         flush=True,
     )
