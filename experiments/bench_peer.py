@@ -12,7 +12,9 @@ encoding: median steps/s of each side and attn / best peer, the median over roun
 rate over the rate of the faster peer mode in the same round (> 1: attn is faster); such
 ratios hold on any machine, the rates are this machine's. Warm-up is left out of the rounds
 and reported on its own: attn's AOT compile and first call of every padded length, the peer's
-first step at every length (with torch.compile: its compilation, cold cache).
+first step at every length (torch.compile: its compilation, into an inductor cache that is new
+for each run, so only kernels compiled earlier in the same run are reused; an ALiBi model
+recompiles per length: "compile graphs" counts the graphs, and those made during the rounds).
 
 The attn side is bench.py's builders stepped by the driver's `train.make_train_step` and
 `train.train_loop`. `w1`: bench.py's w1 encoder (Deletang et al.: 5 layers, d_model 64, 8 heads,
@@ -434,7 +436,7 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
     except PeerError as e:
         raise SystemExit(str(e)) from None
     log = os.path.join(ROOT, ".peer", peer_name, "peer.log")
-    cache = tempfile.mkdtemp(prefix="attn_peer_inductor_")  # cold torch.compile, every run
+    cache = tempfile.mkdtemp(prefix="attn_peer_inductor_")  # no compiled kernels of past runs
     # libgomp's default spin-waiting made a 2-thread torch step 9x slower while another process
     # held a core (0.3 s -> 2.8 s, w1 eager); passive waits also keep the peer's idle threads
     # off the cores while attn runs. An OMP_WAIT_POLICY already set is kept.
