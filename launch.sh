@@ -42,7 +42,7 @@ modes:
                 [--backend slurm --slurm_partition P ...]; where its points are: --status runs/q
   compare       tables and plots:    ./launch.sh compare runs/q [runs/r ...] --out reports/q
   reproduce     a paper's claims:    ./launch.sh reproduce press --mini [--parallel 2]; --results
-  bench         benchmarks:          ./launch.sh bench [--workload w1 ...]
+  bench         benchmarks:          ./launch.sh bench [--workload w1 ...] [--vs x-transformers]
   generate      sample from a run:   ./launch.sh generate --workdir runs/lm --prompt "def "
   multi N ...   N local processes (multi-host path on one machine): ./launch.sh multi 2 train ...
   check         what JAX sees, then every PE x attention impl in bf16 against float32 (minutes
@@ -249,7 +249,15 @@ main() {
       ensure_env
       run_py -m experiments.main --mode "$mode" "$@"
       ;;
-    sweep | compare | bench | generate | reproduce)
+    bench)
+      ensure_env
+      if [[ " $* " == *" --vs "* || " $* " == *" --vs="* ]]; then
+        run_py -m experiments.bench_peer "$@" # the side-by-side peer benchmark (bench_peer.py)
+      else
+        run_py -m experiments.bench "$@"
+      fi
+      ;;
+    sweep | compare | generate | reproduce)
       ensure_env
       run_py -m "experiments.$mode" "$@"
       ;;

@@ -969,7 +969,7 @@ class Context:
 
 def main(argv=None) -> Report:
     parser = ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", nargs="+", default=None, help=f"{', '.join(WORKLOADS)}")
+    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; numbers mean nothing")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
@@ -981,16 +981,7 @@ def main(argv=None) -> Report:
         help="formal task of w1/compile/seeds (parity_check: T = n + 1; reverse_string: T = 2n)",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--vs", default=None, help="a peer library, side by side (bench_peer.py)")
     args = parser.parse_args(argv)
-    if args.vs is not None:
-        from experiments import bench_peer
-
-        bench_peer.check_args(parser, args)
-    else:
-        args.workload = args.workload or list(WORKLOADS)
-        bad = [w for w in args.workload if w not in WORKLOADS]
-        parser.check(not bad, "--workload", f"{bad}; workloads: {', '.join(WORKLOADS)}")
     parser.check(args.repeats is None or args.repeats >= 1, "--repeats", "must be >= 1")
     parser.check(args.steps is None or args.steps >= 1, "--steps", "must be >= 1")
     if args.child:
@@ -1003,9 +994,6 @@ def main(argv=None) -> Report:
         "GLIBC_TUNABLES", ""
     ):
         report.note("host", "malloc", HUGETLB_HINT)
-    if args.vs is not None:
-        bench_peer.run(ctx, args.vs, args.workload, args.variants)
-        return report
     peak(ctx)
     for name in args.workload:
         WORKLOADS[name](ctx)

@@ -2,6 +2,7 @@
 
     ./launch.sh bench --vs x-transformers [--workload w1 w1-mixed w2] [--variants none rope ...]
                       [--repeats 3] [--steps K] [--smoke]
+    python -m experiments.bench_peer --vs x-transformers ...   (what launch.sh runs for --vs)
 
 The peer gets its own virtual environment, built on first use in .peer/<peer>/ (git-ignored;
 never by `./launch.sh test`) from the pins of PEERS, and runs as one persistent child process
@@ -55,6 +56,7 @@ from attn import layers
 from experiments import bench, optim, tasks, train
 from experiments import mesh as mesh_lib
 from experiments import state as state_lib
+from experiments.config_utils import ArgumentParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_WORKLOADS = ("w1", "w1-mixed", "w2")
@@ -472,3 +474,32 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
         flush=True,
     )
     return results
+
+
+def main(argv=None) -> bench.Report:
+    """Its own entry (launch.sh sends `bench --vs` here), so bench.py never imports this file."""
+    parser = ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vs", required=True, help=f"the peer library: {', '.join(PEERS)}")
+    parser.add_argument("--workload", nargs="+", default=None, help=", ".join(PEER_WORKLOADS))
+    parser.add_argument("--variants", nargs="+", default=None, help=", ".join(ENCODINGS))
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3; smoke: 1)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per side and round")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; numbers mean nothing")
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    parser.check(args.repeats is None or args.repeats >= 1, "--repeats", "must be >= 1")
+    parser.check(args.steps is None or args.steps >= 1, "--steps", "must be >= 1")
+    args.w1_task = bench.W1_TASK
+    report = bench.Report()
+    ctx = bench.Context(args, report)
+    if sys.platform == "linux" and "glibc.malloc.hugetlb=1" not in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        report.note("host", "malloc", bench.HUGETLB_HINT)
+    run(ctx, args.vs, args.workload, args.variants)
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    main()

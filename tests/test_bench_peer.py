@@ -48,7 +48,7 @@ for line in sys.stdin:
 
 def _exit_line(capsys, argv) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exc:
-        bench.main(argv)
+        bench_peer.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return exc.value.code, err[0]
@@ -70,7 +70,6 @@ def no_env(monkeypatch):
         (["--vs", "pytorch"], "--vs", ["x-transformers"]),
         (["--vs", "x-transformers", "--workload", "long"], "--workload", ["w1-mixed", "w2"]),
         (["--vs", "x-transformers", "--variants", "kerple"], "--variants", ["rope", "t5"]),
-        (["--workload", "w1-mixed"], "--workload", ["seeds", "gpu"]),
     ],
 )
 def test_argument_errors_are_one_line(capsys, no_env, argv, flag, names):
@@ -78,6 +77,14 @@ def test_argument_errors_are_one_line(capsys, no_env, argv, flag, names):
     assert code == 2
     assert line.startswith(f"bench: error: {flag}:"), line
     assert all(name in line for name in names), line
+
+
+def test_plain_bench_has_no_peer_workloads(capsys):
+    """w1-mixed exists only beside a peer (bench_peer.py, which launch.sh runs for --vs)."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--workload", "w1-mixed"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'w1-mixed'" in capsys.readouterr().err
 
 
 def _fake_python(tmp_path, fail_on: str, message: str) -> str:
@@ -129,7 +136,7 @@ def test_install_failure_exits_before_jax_work(capsys, monkeypatch):
 
     monkeypatch.setattr(bench_peer, "ensure_env", fail)
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--vs", "x-transformers", "--smoke"])
+        bench_peer.main(["--vs", "x-transformers", "--smoke"])
     assert exc.value.code == "bench --vs x-transformers: pip install torch failed: boom"
     assert '"peak"' not in capsys.readouterr().out
 
