@@ -2,6 +2,7 @@
 
     python -m experiments.bench [--workload NAME ...] [--repeats 3] [--smoke]
     ./launch.sh bench --workload w1 w2
+    ./launch.sh bench --vs x-transformers   # attn beside PyTorch's peer: experiments/bench_peer.py
 
 Every measurement is one JSON line on stdout: {"workload", "variant", "metric", "median",
 "min", "max", "repeats", "unit", ..., "machine": {CPU model, cores, load average, jax/flax
