@@ -110,6 +110,28 @@ def test_launch_sh_turns_on_huge_page_malloc():
     assert tune_malloc("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"  # the caller's choice
 
 
+def _malloc_env(tmp_path, choice: str, lib: Path) -> subprocess.CompletedProcess:
+    launch = Path(__file__).parents[1] / "launch.sh"
+    script = (
+        f"unset LD_PRELOAD MALLOC_CONF; export ATTN_MALLOC='{choice}' ATTN_JEMALLOC_LIB='{lib}';"
+        f' source "{launch}"; tune_malloc; printf "%s|%s" "${{LD_PRELOAD:-}}" "${{MALLOC_CONF:-}}"'
+    )
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+
+
+def test_launch_sh_preloads_jemalloc_only_when_asked(tmp_path):
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    assert _malloc_env(tmp_path, "glibc", lib).stdout == "|"
+    got = _malloc_env(tmp_path, "jemalloc", lib)
+    assert got.stdout == f"{lib}|thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1", got.stderr
+    missing = _malloc_env(tmp_path, "jemalloc", tmp_path / "none.so")
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.count("\n") == 1 and "apt-get install libjemalloc2" in missing.stderr
+    bad = _malloc_env(tmp_path, "tcmalloc", lib)
+    assert bad.returncode == 2 and "one of glibc (default), jemalloc" in bad.stderr
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="GLIBC_TUNABLES is a glibc (Linux) setting")
 def test_note_when_huge_page_malloc_is_off(capsys, monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
