@@ -372,7 +372,10 @@ def exit_on_signals(program: str) -> None:
     def handle(signum, frame):
         name = signal.Signals(signum).name
         print(f"{program}: stopped by {name} before any work was saved", file=sys.stderr)
-        sys.exit(128 + signum)
+        sys.stderr.flush()
+        # Not sys.exit: a SystemExit raised inside an import can be swallowed by the module
+        # being imported, and the process then went on to train (found with a signal at 0.5 s).
+        os._exit(128 + signum)
 
     for s in StopSignals.SIGNALS:
         signal.signal(s, handle)

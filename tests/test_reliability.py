@@ -425,15 +425,18 @@ def test_two_sigterms_close_together_keep_the_stop_checkpoint(tmp_path):
 def test_signal_before_training_starts_is_one_line(tmp_path):
     workdir = tmp_path / "run"
     proc = start(workdir, *LONG_FLAGS)
-    time.sleep(1.0)  # the entry point is importing JAX: no training, nothing to save yet
+    time.sleep(0.5)  # the entry point is importing JAX: no training, nothing to save yet
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     code, err = finish(proc, timeout=60)
     assert code == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (
-        "experiments.main: stopped by SIGTERM before any work was saved"
-    )
+    last = err.strip().splitlines()[-1]
+    if "checkpoint saved" in last:  # a quiet machine can reach step 0 within the sleep
+        assert last.endswith("step 0: stopped by SIGTERM; checkpoint saved"), last
+        assert ck.verify_step_dir(workdir / "checkpoints" / "0") is None
+    else:
+        assert last == "experiments.main: stopped by SIGTERM before any work was saved"
 
 
 def test_sigint_during_the_final_evaluation_stops_between_lengths(tmp_path):
