@@ -132,6 +132,7 @@ ensure_env() {
   echo "launch.sh: installing attn and its dependencies into .venv for $accel (jax $(install_target "$accel"))" >&2
   "$PY" -m pip install --quiet --upgrade pip >&2 || true
   "$PY" -m pip install --quiet -e "$(install_target "$accel")" >&2
+  fetch_jemalloc
   echo "$accel" >"$stamp"
 }
 
@@ -211,29 +212,69 @@ run_py() {
 # after, so with 4 KiB pages each step took ~35k page faults and ~60 ms of kernel time;
 # 2 MiB pages cut the faults ~70x and the kernel time ~3x (README, Performance). Kept if the
 # caller already chose a value.
-# ATTN_MALLOC=jemalloc (opt-in) preloads Debian's libjemalloc2 and keeps freed pages instead
-# (no decay, huge pages): XLA's per-step temp buffer is then reused, not mapped again
-# (README, Performance: w1 +18-28 % steps/s on a 2-core Xeon). Needs the system package.
-JEMALLOC_LIB="${ATTN_JEMALLOC_LIB:-/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}"
+# jemalloc (default where found; ATTN_MALLOC=auto) is preloaded with freed pages kept (no
+# decay, huge pages): XLA's per-step temp buffer is then reused, not mapped again (README,
+# Performance: w1 8.3-8.8 -> 10.0-10.2 steps/s and 36-48 -> 3-12 ms kernel time a step on a
+# 2-core Xeon). Looked up in ATTN_JEMALLOC_LIB, the system's library directories, then
+# .venv/jemalloc (Debian's libjemalloc2 unpacked there at set-up without root: `fetch_jemalloc`).
+# ATTN_MALLOC=glibc keeps glibc; ATTN_MALLOC=jemalloc insists (one line and exit 2 without it).
+JEMALLOC_CONF="thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_SYSTEM_LIBS="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2
+  /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2"
+find_jemalloc() {
+  local lib
+  if [[ -n "${ATTN_JEMALLOC_LIB:-}" ]]; then
+    [[ -r "$ATTN_JEMALLOC_LIB" ]] && echo "$ATTN_JEMALLOC_LIB"
+    return 0
+  fi
+  for lib in $JEMALLOC_SYSTEM_LIBS "$VENV"/jemalloc/usr/lib/*/libjemalloc.so.2; do
+    if [[ -r "$lib" ]]; then
+      echo "$lib"
+      return 0
+    fi
+  done
+}
+
 tune_malloc() {
   if [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb=* ]]; then
     export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
   fi
-  case "${ATTN_MALLOC:-glibc}" in
-    glibc) ;;
-    jemalloc)
-      if [[ ! -r "$JEMALLOC_LIB" ]]; then
-        echo "launch.sh: ATTN_MALLOC=jemalloc, but $JEMALLOC_LIB is missing (apt-get install libjemalloc2, or set ATTN_JEMALLOC_LIB)" >&2
-        exit 2
-      fi
-      export LD_PRELOAD="$JEMALLOC_LIB${LD_PRELOAD:+:$LD_PRELOAD}"
-      export MALLOC_CONF="${MALLOC_CONF:-thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1}"
-      ;;
+  local lib
+  case "${ATTN_MALLOC:-auto}" in
+    glibc) return 0 ;;
+    auto | jemalloc) lib=$(find_jemalloc) ;;
     *)
-      echo "launch.sh: ATTN_MALLOC='${ATTN_MALLOC}'; one of glibc (default), jemalloc" >&2
+      echo "launch.sh: ATTN_MALLOC='${ATTN_MALLOC}'; one of auto (default: jemalloc where found, else glibc), jemalloc, glibc" >&2
       exit 2
       ;;
   esac
+  if [[ -z "$lib" ]]; then
+    if [[ "${ATTN_MALLOC:-auto}" == jemalloc ]]; then
+      echo "launch.sh: ATTN_MALLOC=jemalloc, but no libjemalloc.so.2 was found (apt-get install libjemalloc2, or set ATTN_JEMALLOC_LIB)" >&2
+      exit 2
+    fi
+    return 0
+  fi
+  [[ ":${LD_PRELOAD:-}:" == *":$lib:"* ]] || export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+  export MALLOC_CONF="${MALLOC_CONF:-$JEMALLOC_CONF}"
+}
+
+# Debian's libjemalloc2 unpacked into .venv/jemalloc without root (apt-get download and
+# dpkg-deb -x), where the system has none; best effort: without apt, glibc stays.
+fetch_jemalloc() {
+  [[ "${ATTN_MALLOC:-auto}" == auto && -z "$(find_jemalloc)" ]] || return 0
+  command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || return 0
+  local tmp
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && timeout 120 apt-get download -q libjemalloc2 >/dev/null 2>&1) &&
+    mkdir -p "$VENV/jemalloc" &&
+    dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$VENV/jemalloc" 2>/dev/null && [[ -n "$(find_jemalloc)" ]]; then
+    echo "launch.sh: jemalloc unpacked into .venv/jemalloc (ATTN_MALLOC=glibc turns it off)" >&2
+    tune_malloc
+  else
+    echo "launch.sh: no jemalloc (apt-get download libjemalloc2 failed); glibc malloc with huge pages" >&2
+  fi
+  rm -rf "$tmp"
 }
 
 main() {

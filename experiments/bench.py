@@ -112,10 +112,24 @@ HUGETLB_HINT = (
     "GLIBC_TUNABLES has no glibc.malloc.hugetlb=1 (./launch.sh sets it): XLA:CPU's per-execution"
     " temp buffers are faulted in 4 KiB pages, so CPU steps are slower than the README's table"
 )
+JEMALLOC_HINT = (
+    "no jemalloc preloaded (./launch.sh preloads libjemalloc.so.2 where found, or unpacks Debian's"
+    " libjemalloc2 into .venv at set-up): XLA:CPU maps and unmaps its temp buffer every step"
+)
 MATERIALISED_COPIES = 3  # logits, probabilities and a mask or bias of the same size
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+def host_notes(report) -> None:
+    """A `host` note for each allocator setting of ./launch.sh that this process lacks."""
+    if sys.platform != "linux":
+        return
+    if "libjemalloc" not in os.environ.get("LD_PRELOAD", ""):
+        report.note("host", "malloc", JEMALLOC_HINT)
+        if "glibc.malloc.hugetlb=1" not in os.environ.get("GLIBC_TUNABLES", ""):
+            report.note("host", "malloc", HUGETLB_HINT)
 
 
 def machine() -> dict:
@@ -141,6 +155,7 @@ def machine() -> dict:
         "devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "malloc": "jemalloc" if "libjemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -991,10 +1006,7 @@ def main(argv=None) -> Report:
         return Report()
     report = Report()
     ctx = Context(args, report)
-    if sys.platform == "linux" and "glibc.malloc.hugetlb=1" not in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
-        report.note("host", "malloc", HUGETLB_HINT)
+    host_notes(report)
     peak(ctx)
     for name in args.workload:
         WORKLOADS[name](ctx)

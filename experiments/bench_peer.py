@@ -492,10 +492,7 @@ def main(argv=None) -> bench.Report:
     args.w1_task = bench.W1_TASK
     report = bench.Report()
     ctx = bench.Context(args, report)
-    if sys.platform == "linux" and "glibc.malloc.hugetlb=1" not in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
-        report.note("host", "malloc", bench.HUGETLB_HINT)
+    bench.host_notes(report)
     run(ctx, args.vs, args.workload, args.variants)
     return report
 

@@ -5,6 +5,7 @@ No timing is asserted: the numbers of a smoke run mean nothing.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,34 +111,91 @@ def test_launch_sh_turns_on_huge_page_malloc():
     assert tune_malloc("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"  # the caller's choice
 
 
-def _malloc_env(tmp_path, choice: str, lib: Path) -> subprocess.CompletedProcess:
+def _malloc_env(
+    tmp_path, choice: str | None, lib: Path, twice=False
+) -> subprocess.CompletedProcess:
     launch = Path(__file__).parents[1] / "launch.sh"
+    choose = "unset ATTN_MALLOC" if choice is None else f"export ATTN_MALLOC='{choice}'"
     script = (
-        f"unset LD_PRELOAD MALLOC_CONF; export ATTN_MALLOC='{choice}' ATTN_JEMALLOC_LIB='{lib}';"
-        f' source "{launch}"; tune_malloc; printf "%s|%s" "${{LD_PRELOAD:-}}" "${{MALLOC_CONF:-}}"'
+        f"unset LD_PRELOAD MALLOC_CONF; {choose}; export ATTN_JEMALLOC_LIB='{lib}';"
+        f' source "{launch}"; tune_malloc; {"tune_malloc;" if twice else ""}'
+        ' printf "%s|%s" "${LD_PRELOAD:-}" "${MALLOC_CONF:-}"'
     )
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True)
 
 
-def test_launch_sh_preloads_jemalloc_only_when_asked(tmp_path):
+def test_launch_sh_preloads_jemalloc_where_found(tmp_path):
     lib = tmp_path / "libjemalloc.so.2"
     lib.write_bytes(b"")
+    kept = f"{lib}|thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
     assert _malloc_env(tmp_path, "glibc", lib).stdout == "|"
-    got = _malloc_env(tmp_path, "jemalloc", lib)
-    assert got.stdout == f"{lib}|thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1", got.stderr
-    missing = _malloc_env(tmp_path, "jemalloc", tmp_path / "none.so")
+    for choice in (None, "auto", "jemalloc"):
+        got = _malloc_env(tmp_path, choice, lib, twice=True)  # set-up calls it again
+        assert got.returncode == 0 and got.stdout == kept, (choice, got.stderr)
+    none = tmp_path / "none.so"
+    for choice in (None, "auto"):  # the default falls back to glibc, silently
+        got = _malloc_env(tmp_path, choice, none)
+        assert got.returncode == 0 and got.stdout == "|" and got.stderr == ""
+    missing = _malloc_env(tmp_path, "jemalloc", none)
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.count("\n") == 1 and "apt-get install libjemalloc2" in missing.stderr
     bad = _malloc_env(tmp_path, "tcmalloc", lib)
-    assert bad.returncode == 2 and "one of glibc (default), jemalloc" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "ATTN_MALLOC='tcmalloc'; one of auto (default" in bad.stderr
+
+
+def test_launch_sh_unpacks_jemalloc_without_root(tmp_path):
+    """Set-up fetches Debian's package with `apt-get download` (a stand-in here) and unpacks it
+    into .venv/jemalloc; where that fails, glibc stays and one line says so."""
+    launch = Path(__file__).parents[1] / "launch.sh"
+    pkg, bindir, venv = tmp_path / "pkg", tmp_path / "bin", tmp_path / "venv"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: libjemalloc2\nVersion: 1\nArchitecture: all\nMaintainer: t\nDescription: t\n"
+    )
+    (pkg / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    (pkg / "usr/lib/x86_64-linux-gnu/libjemalloc.so.2").write_bytes(b"")
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is a Debian tool")
+    subprocess.run(
+        ["dpkg-deb", "-b", pkg, tmp_path / "libjemalloc2_1_all.deb"],
+        check=True,
+        capture_output=True,
+    )
+    bindir.mkdir()
+    fake = bindir / "apt-get"
+    fake.write_text(f'#!/bin/sh\ncp {tmp_path}/libjemalloc2_1_all.deb . && [ -z "$FAIL" ]\n')
+    fake.chmod(0o755)
+
+    def setup(fail: str) -> subprocess.CompletedProcess:
+        script = (
+            "unset LD_PRELOAD MALLOC_CONF ATTN_MALLOC ATTN_JEMALLOC_LIB;"
+            f" export PATH={bindir}:$PATH"
+            f' FAIL={fail}; source "{launch}"; VENV={venv}; JEMALLOC_SYSTEM_LIBS=;'
+            ' fetch_jemalloc; printf "%s" "${LD_PRELOAD:-}"'
+        )
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+
+    failed = setup("1")
+    assert failed.returncode == 0 and failed.stdout == "" and "glibc" in failed.stderr
+    got = setup("")
+    lib = venv / "jemalloc/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    assert got.returncode == 0 and got.stdout == str(lib) and lib.exists(), got.stderr
+    # (the empty stand-in library cannot really be preloaded: ld.so says so after our line)
+    assert "unpacked into .venv/jemalloc" in got.stderr.splitlines()[0]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="GLIBC_TUNABLES is a glibc (Linux) setting")
-def test_note_when_huge_page_malloc_is_off(capsys, monkeypatch):
+def test_note_when_the_allocator_settings_are_off(capsys, monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     rows = run(capsys, "--workload", "gpu")
     notes = [r for r in rows if r["workload"] == "host"]
-    assert [r["note"] for r in notes] == [bench.HUGETLB_HINT]
+    assert [r["note"] for r in notes] == [bench.JEMALLOC_HINT, bench.HUGETLB_HINT]
     assert rows[0]["machine"]["glibc_tunables"] == "glibc.malloc.arena_max=2"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    rows = run(capsys, "--workload", "gpu")
+    assert [r["note"] for r in rows if r["workload"] == "host"] == [bench.JEMALLOC_HINT]
+    # the notes read the variable (what launch.sh exported), not what the process loaded
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert not [r for r in run(capsys, "--workload", "gpu") if r["workload"] == "host"]
