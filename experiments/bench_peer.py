@@ -105,6 +105,11 @@ def check_args(parser, args) -> None:
     args.variants = args.variants or list(ENCODINGS)
     bad = [v for v in args.variants if v not in ENCODINGS]
     parser.check(not bad, "--variants", f"{bad} with --vs; allowed: {', '.join(ENCODINGS)}")
+    for flag, value, allowed in (
+        ("--dtype", args.dtype, ("float32", "bfloat16")),
+        ("--peer-malloc", args.peer_malloc, ("same", "system")),
+    ):
+        parser.check(value in allowed, flag, f"{value!r}; allowed: {', '.join(allowed)}")
 
 
 def schedule(seed: int, rounds: int, k: int, lo: int, hi: int) -> list[list[int]]:
@@ -277,10 +282,13 @@ class AttnSide:
     """One workload and encoding in attn: bench.py's builders, the driver's step and loop.
     Steps are named by nominal length n (w2: its one length)."""
 
-    def __init__(self, workload: str, encoding: str, smoke: bool, task: str = bench.W1_TASK):
+    def __init__(
+        self, workload: str, encoding: str, smoke: bool, task=bench.W1_TASK, dtype="float32"
+    ):
         self.compiled, self.host = {}, {}
         if workload == "w2":
             config = bench.lm_config(encoding, smoke)
+            config.model.dtype = dtype
             self.vocab = 256
             tx = optim.make_optimizer(config)
             graphdef, params, rest = state_lib.split_model(bench._lm_model(config, self.vocab))
@@ -301,6 +309,7 @@ class AttnSide:
         else:
             config = bench.w1_config(encoding, smoke, task)
             config.model.dropout = 0.0  # the peer comparison runs without dropout
+            config.model.dtype = dtype
             task = tasks.build(config.task)
             self.vocab = task.vocab_size
             mesh, _, _, self.state, self.step_fn = bench._train_setup(config)
@@ -360,12 +369,14 @@ def build_request(side: AttnSide, workload: str, encoding: str) -> dict:
     model["max_len"] = m.pe.max_len if m.pe.name == "learned" else 4096
     request = {"cmd": "build", "model": model, "encoding": encoding, "batch": side.batch_size}
     request.update(lr=t.optimizer.lr, clip=t.grad_clip, threads=len(os.sched_getaffinity(0)))
+    request["dtype"] = m.dtype
     return {**request, "seed": 0, "dynamic": workload == "w1-mixed"}
 
 
 def measure(ctx, peer, workload, encoding, modes, rounds, k) -> dict:
     """Warm up both sides, then the interleaved rounds of one workload and encoding."""
-    side = AttnSide(workload, encoding, ctx.smoke, getattr(ctx, "w1_task", bench.W1_TASK))
+    dtype = getattr(ctx, "dtype", "float32")
+    side = AttnSide(workload, encoding, ctx.smoke, getattr(ctx, "w1_task", bench.W1_TASK), dtype)
     plan = schedule(0, rounds, k, *side.range)
     res = {"workload": workload, "encoding": encoding, "attn_params": side.params}
     res.update(flops=side.flops, attn=[], rounds=rounds, steps=k)
@@ -429,6 +440,21 @@ def emit(ctx, res: dict) -> None:
         rep.emit(ctx.name, variant, "params", [res["peer_params"]], "count", side=ctx.peer)
 
 
+def malloc_name(env: dict) -> str:
+    return "jemalloc" if "libjemalloc" in env.get("LD_PRELOAD", "") else "glibc"
+
+
+def peer_system_malloc(env: dict) -> dict:
+    """The peer's environment without launch.sh's jemalloc preload: the allocator its own users
+    get from a plain `python` (`--peer-malloc system`)."""
+    env = dict(env)
+    kept = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and "libjemalloc" not in p]
+    if kept:
+        env["LD_PRELOAD"] = ":".join(kept)
+    env.pop("MALLOC_CONF", None)
+    return env
+
+
 def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
     """The whole comparison; ctx is bench.py's Context (report, smoke, repeats, steps)."""
     ctx.peer, ctx.name = peer_name, f"vs-{peer_name}"
@@ -443,6 +469,8 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
     # held a core (0.3 s -> 2.8 s, w1 eager); passive waits also keep the peer's idle threads
     # off the cores while attn runs. An OMP_WAIT_POLICY already set is kept.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    if getattr(ctx, "peer_malloc", "same") == "system":
+        env = peer_system_malloc(env)
     cmd = [python, "-I", os.path.join(ROOT, PEERS[peer_name]["script"])]
     peer, results = PeerProcess(cmd, log, env=env), []
     try:
@@ -452,7 +480,7 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
             modes.remove("compile")
             ctx.report.note(ctx.name, "compile", "skipped: no C++ compiler for torch.compile")
         versions = f"torch {info['torch']}, {peer_name} {info['x_transformers']}"
-        omp = f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}"
+        omp = f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, malloc {malloc_name(env)}"
         ctx.report.note(ctx.name, "versions", f"{versions}, {threads} threads, {omp}")
         bench.peak(ctx)
         for workload in workloads:
@@ -469,7 +497,7 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
         f"\n{table(results, peer_name)}\n\n{details(results, ctx.report.peak_gflops)}\n\n"
         f"{m['cpu']}, {m['cores']} cores, load average {m['loadavg']}, jax {m['jax']} "
         f"({m['backend']}), torch {info['torch']}, {peer_name} {info['x_transformers']}, "
-        f"{threads} threads each, peer {omp}; matmul peak "
+        f"{threads} threads each, peer {omp}; {getattr(ctx, 'dtype', 'float32')}; matmul peak "
         f"{_num(ctx.report.peak_gflops, '{:.0f}')} GFLOP/s (float32, this run); {m['date']}",
         flush=True,
     )
@@ -485,6 +513,18 @@ def main(argv=None) -> bench.Report:
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3; smoke: 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps per side and round")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; numbers mean nothing")
+    parser.add_argument(
+        "--peer-malloc",
+        default="same",
+        help="same (default: the peer inherits attn's allocator, jemalloc where launch.sh"
+        " preloads it) or system (the peer without that preload, as a plain python runs it)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32 (default) or bfloat16: attn's model.dtype=bfloat16 against torch's CPU"
+        " autocast to bfloat16 (for CPUs with AVX512-BF16 or AMX)",
+    )
     args = parser.parse_args(argv)
     check_args(parser, args)
     parser.check(args.repeats is None or args.repeats >= 1, "--repeats", "must be >= 1")
@@ -492,6 +532,7 @@ def main(argv=None) -> bench.Report:
     args.w1_task = bench.W1_TASK
     report = bench.Report()
     ctx = bench.Context(args, report)
+    ctx.dtype, ctx.peer_malloc = args.dtype, args.peer_malloc
     bench.host_notes(report)
     run(ctx, args.vs, args.workload, args.variants)
     return report

@@ -92,6 +92,11 @@ class Trainer:
             self.opt = torch.optim.Adam(self.model.parameters(), lr=spec["lr"], fused=True)
         except (RuntimeError, TypeError):
             self.opt = torch.optim.Adam(self.model.parameters(), lr=spec["lr"])
+        # bfloat16: torch's CPU autocast (matmuls and attention in bf16, parameters, Adam and
+        # the loss's softmax in float32), the counterpart of attn's model.dtype=bfloat16.
+        self.dtype = spec.get("dtype", "float32")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: {self.dtype!r}; allowed: float32, bfloat16")
         self.loss_fn = self._loss
         if spec["mode"] == "compile":
             # Every model's loss is the same code object: without a reset, the graphs of
@@ -103,8 +108,9 @@ class Trainer:
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def _loss(self, x, y):
-        logits = self.model(x)
-        return F.cross_entropy(logits.reshape(-1, self.vocab), y.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+            logits = self.model(x)
+        return F.cross_entropy(logits.float().reshape(-1, self.vocab), y.reshape(-1))
 
     def _data(self, T: int):
         if T not in self.batches:

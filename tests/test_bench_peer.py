@@ -13,6 +13,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import jax
 import pytest
 
 from experiments import bench, bench_peer
@@ -70,6 +71,8 @@ def no_env(monkeypatch):
         (["--vs", "pytorch"], "--vs", ["x-transformers"]),
         (["--vs", "x-transformers", "--workload", "long"], "--workload", ["w1-mixed", "w2"]),
         (["--vs", "x-transformers", "--variants", "kerple"], "--variants", ["rope", "t5"]),
+        (["--vs", "x-transformers", "--dtype", "float16"], "--dtype", ["float32", "bfloat16"]),
+        (["--vs", "x-transformers", "--peer-malloc", "tc"], "--peer-malloc", ["same", "system"]),
     ],
 )
 def test_argument_errors_are_one_line(capsys, no_env, argv, flag, names):
@@ -77,6 +80,24 @@ def test_argument_errors_are_one_line(capsys, no_env, argv, flag, names):
     assert code == 2
     assert line.startswith(f"bench: error: {flag}:"), line
     assert all(name in line for name in names), line
+
+
+def test_peer_system_malloc_drops_only_the_jemalloc_preload():
+    env = {"LD_PRELOAD": "/x/libjemalloc.so.2:/y/libfoo.so", "MALLOC_CONF": "thp:always", "A": "1"}
+    assert bench_peer.peer_system_malloc(env) == {"LD_PRELOAD": "/y/libfoo.so", "A": "1"}
+    assert bench_peer.peer_system_malloc({"LD_PRELOAD": "/x/libjemalloc.so.2"}) == {}
+    assert bench_peer.malloc_name(env) == "jemalloc" and bench_peer.malloc_name({}) == "glibc"
+
+
+def test_bfloat16_reaches_both_sides():
+    """--dtype bfloat16: attn's model computes in bfloat16 (parameters stay float32) and the
+    peer's build request asks for torch's bf16 autocast."""
+    side = bench_peer.AttnSide("w1", "rope", True, dtype="bfloat16")
+    assert side.config.model.dtype == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(side.state["params"])} == {"float32"}
+    assert bench_peer.build_request(side, "w1", "rope")["dtype"] == "bfloat16"
+    fp32 = bench_peer.AttnSide("w2", "alibi", True)
+    assert bench_peer.build_request(fp32, "w2", "alibi")["dtype"] == "float32"
 
 
 def test_plain_bench_has_no_peer_workloads(capsys):
