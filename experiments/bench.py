@@ -321,7 +321,7 @@ def _lengths_needed(task, config, steps: int) -> list[int]:
     layout = attn.models.batch_format(config.model.name, config.model)
     seen: list[int] = []
     for step in range(steps):
-        T = padded_length(task, layout, task.train_length(0, step))
+        T = padded_length(task, layout, task.train_length(0, step), train=True)
         if T not in seen:
             seen.append(T)
     return seen

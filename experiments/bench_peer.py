@@ -20,9 +20,9 @@ recompiles per length: "compile graphs" counts the graphs, and those made during
 The attn side is bench.py's builders stepped by the driver's `train.make_train_step` and
 `train.train_loop`. `w1`: bench.py's w1 encoder (Deletang et al.: 5 layers, d_model 64, 8 heads,
 MLP 256 ReLU, post-LN, parity_check, Adam, clipping 1.0) with dropout 0, batch 128, n = 40:
-attn pads the 41 tokens to its bucket (48) as its pipeline does, the peer runs 41. `w1-mixed`:
+both run 41 tokens (attn cuts its top bucket at the longest training length). `w1-mixed`:
 the papers' n ~ U{1..40}, one length per step, the same seeded sequence for both sides
-(`schedule`); attn pads to its buckets (16, 24, 32, 48), torch runs every exact length, eager
+(`schedule`); attn pads to its buckets (16, 24, 32, 41), torch runs every exact length, eager
 and compiled once with `dynamic=True` (a symbolic length). `w2`: bench.py's w2 decoder LM
 (4 layers, d_model 256, 4 heads, MLP 1024, vocab 256, pre-LN), batch 16 x 256 tokens, also as
 MFU against this run's float32 matmul peak (bench.py `peak`). Encodings both sides have: none,

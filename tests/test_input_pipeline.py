@@ -38,6 +38,46 @@ def test_bucket_length():
     assert layouts.bucket_length(16384) == 16384 and layouts.bucket_length(513) == 768
 
 
+def test_bucket_cut_at_the_longest_training_length():
+    assert [layouts.bucket_length(n, 41) for n in (10, 30, 33, 41, 42, 50)] == [
+        16,
+        32,
+        41,
+        41,
+        48,
+        64,
+    ]
+    assert layouts.bucket_length(32, 32) == 32 and layouts.bucket_length(16, 12) == 16
+
+
+@pytest.mark.parametrize(
+    "name, layout, cap",
+    [
+        ("parity_check", "encoder", 41),
+        ("reverse_string", "decoder", 81),
+        ("addition", "decoder", None),
+    ],
+)
+def test_training_batches_pad_no_further_than_the_longest_training_length(name, layout, cap):
+    """parity_check n = 1..40 reads n + 1 tokens in the encoder layout: its top bucket is 41,
+    not 48; `padded_length(train=True)` says each training batch's T; evaluation batches keep
+    their plain buckets (an eval set at n = 40 is 48 long)."""
+    task = build(name, min_length=1, max_length=40)
+    assert cap is None or task.train_cap(layout) == cap
+    cap = task.train_cap(layout)
+    for n in range(1, 41):
+        b = task.train_batch(np.random.default_rng(n), n, 4, layout)
+        t = b["inputs"].shape[1]
+        real = int(b["token_mask"].sum(1).max())
+        assert t >= real and t == layouts.bucket_length(real, cap), (n, t, real)
+        if not isinstance(task, tasks.base.RaggedTask):
+            assert t == layouts.padded_length(task, layout, n, train=True)
+        assert t <= max(cap, layouts.bucket_length(real))
+    x, y, m = task.batch(np.random.default_rng(0), 40, 2)
+    ev = layouts.format_batch(x + NUM_SPECIAL, y + NUM_SPECIAL, m, layout)
+    assert ev["inputs"].shape[1] == layouts.padded_length(task, layout, 40)
+
+
 def _one(task, n, layout, batch=3, seed=0):
     x, y, m = task.batch(np.random.default_rng(seed), n, batch)
     return (

@@ -186,10 +186,16 @@ class Task:
             return max(x, y)
         return x + y
 
+    def train_cap(self, layout: str) -> int | None:
+        """The longest real length of a training example in `layout`: training batches are
+        padded to no more than this (layouts.bucket_length); None for seq2seq."""
+        return None if layout == "seq2seq" else self.sequence_length(self.max_train_length, layout)
+
     def train_batch(self, rng: np.random.Generator, n: int, batch_size: int, layout: str):
         """A training batch of nominal length n, laid out for the model."""
         x, y, m = self.batch(rng, n, batch_size)
-        return layouts.format_batch(x + NUM_SPECIAL, y + NUM_SPECIAL, m, layout)
+        cap = self.train_cap(layout)
+        return layouts.format_batch(x + NUM_SPECIAL, y + NUM_SPECIAL, m, layout, cap)
 
     def eval_source(self, length: int, *, num_examples: int, seed: int, data_dir=None):
         """Random-access records of the fixed evaluation set at `length` (TFDS, built on
@@ -303,7 +309,7 @@ class RaggedTask(Task):
         del x, y
         return None
 
-    def lay_out(self, rows, layout: str) -> dict[str, np.ndarray]:
+    def lay_out(self, rows, layout: str, cap: int | None = None) -> dict[str, np.ndarray]:
         """Rows of task symbols -> one batch in `layout` (with the task's positions)."""
         positions = [self.row_positions(x, y) for x, y in rows]
         if any(p is None for p in positions):
@@ -313,10 +319,12 @@ class RaggedTask(Task):
             [y + NUM_SPECIAL for _, y in rows],
             layout,
             positions=positions,
+            cap=cap,
         )
 
     def train_batch(self, rng, n, batch_size, layout):
-        return self.lay_out(self.rows(*self.batch(rng, n, batch_size)), layout)
+        rows = self.rows(*self.batch(rng, n, batch_size))
+        return self.lay_out(rows, layout, self.train_cap(layout))
 
     def eval_batch(self, records, layout):
         rows = self.rows(
