@@ -162,6 +162,46 @@ def test_impls_match_reference(case):
             np.testing.assert_array_equal(got[:, 1::3], 0.0)
 
 
+def test_causal_row_blocks():
+    assert attention.causal_row_blocks(256, 256, 128) == [(0, 128, 128), (128, 256, 256)]
+    assert attention.causal_row_blocks(255, 255, 128) is None  # fewer than two blocks
+    assert attention.causal_row_blocks(10, 14, 4) == [(0, 4, 8), (4, 8, 12), (8, 10, 14)]
+    assert attention.causal_row_blocks(10, 4, 4) == [(0, 4, 1), (4, 8, 2), (8, 10, 4)]
+    assert attention.causal_row_blocks(8, 100, 4) == [(0, 4, 96), (4, 8, 100)]
+
+
+CAUSAL = [c for c in CASES if c[6]]
+
+
+@pytest.mark.parametrize("case", CAUSAL, ids=[c[0] for c in CAUSAL])
+def test_dense_in_causal_row_blocks_matches_reference(case, monkeypatch):
+    """Blocks of 4 query rows, each against only the keys it can see (rows that see none: the
+    more_queries case, whose first rows are fully masked), with masks, windows, GQA, array and
+    callable biases: outputs and every gradient as the reference."""
+    _, B, L, S, H, G, causal, window, mask_kind, bias_kind = case
+    monkeypatch.setattr(attention, "DENSE_CAUSAL_BLOCK", 4)
+    q, k, v, mask, bias = _case_operands(B, L, S, H, G, mask_kind, bias_kind)
+    if bias_kind == "callable":
+        bias = _table_bias(H, L, S)[1]
+    args = (q, k, v, bias)
+    (_, want), want_grads = _loss_and_grads("reference", causal, window, mask, bias_kind)(*args)
+    (_, got), grads = _loss_and_grads("dense", causal, window, mask, bias_kind)(*args)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=5e-5, atol=5e-5)
+
+
+def test_dense_causal_row_blocks_keep_causality_by_gradient(monkeypatch):
+    monkeypatch.setattr(attention, "DENSE_CAUSAL_BLOCK", 2)
+    B, L, S = 1, 7, 9
+    q, k, v = _qkv(6, B=B, L=L, S=S)
+    fn = lambda k: attention.dense_attention(q, k, v, causal=True)[0].sum(axis=(1, 2))  # noqa: E731
+    dependence = np.abs(np.asarray(jax.jit(jax.jacrev(fn))(k))).sum(axis=(1, 3, 4))
+    for i in range(L):
+        pos = S - L + i
+        assert np.all(dependence[i, pos + 1 :] == 0) and np.all(dependence[i, : pos + 1] > 0)
+
+
 def test_bf16_inputs_close_to_float32_reference():
     q, k, v = _qkv(3, L=9, S=9)
     want = attention.dot_product_attention(q, k, v, causal=True, impl="reference")
