@@ -121,6 +121,7 @@ ensure_env() {
   accel=$(detect_accelerator) || exit 2
   if [[ -x "$PY" && -f "$stamp" && ! pyproject.toml -nt "$stamp" ]] &&
     [[ "$(cat "$stamp")" == "$accel" || (-z "$(cat "$stamp")" && "$accel" == cpu) ]]; then
+    fetch_jemalloc # once per .venv (an environment made before jemalloc was the default)
     return 0
   fi
   local base
@@ -260,13 +261,17 @@ tune_malloc() {
 }
 
 # Debian's libjemalloc2 unpacked into .venv/jemalloc without root (apt-get download and
-# dpkg-deb -x), where the system has none; best effort: without apt, glibc stays.
+# dpkg-deb -x), where the system has none; best effort, tried once per .venv (the stamp
+# .venv/.jemalloc-tried; delete it to try again): without apt, glibc stays.
 fetch_jemalloc() {
-  [[ "${ATTN_MALLOC:-auto}" == auto && -z "$(find_jemalloc)" ]] || return 0
+  [[ "${ATTN_MALLOC:-auto}" == auto && ! -e "$VENV/.jemalloc-tried" && -z "$(find_jemalloc)" ]] ||
+    return 0
+  touch "$VENV/.jemalloc-tried" # one try per .venv: no download on every launch when offline
   command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || return 0
   local tmp
   tmp=$(mktemp -d)
-  if (cd "$tmp" && timeout 120 apt-get download -q libjemalloc2 >/dev/null 2>&1) &&
+  if (cd "$tmp" && timeout 60 apt-get download -q -o Acquire::Retries=0 -o Acquire::http::Timeout=10 \
+    libjemalloc2 >/dev/null 2>&1) &&
     mkdir -p "$VENV/jemalloc" &&
     dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$VENV/jemalloc" 2>/dev/null && [[ -n "$(find_jemalloc)" ]]; then
     echo "launch.sh: jemalloc unpacked into .venv/jemalloc (ATTN_MALLOC=glibc turns it off)" >&2

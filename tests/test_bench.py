@@ -176,8 +176,12 @@ def test_launch_sh_unpacks_jemalloc_without_root(tmp_path):
         )
         return subprocess.run(["bash", "-c", script], capture_output=True, text=True)
 
+    venv.mkdir()
     failed = setup("1")
     assert failed.returncode == 0 and failed.stdout == "" and "glibc" in failed.stderr
+    again = setup("")  # one try per .venv: no second download on the next launch
+    assert again.returncode == 0 and again.stdout == "" and again.stderr == ""
+    (venv / ".jemalloc-tried").unlink()
     got = setup("")
     lib = venv / "jemalloc/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
     assert got.returncode == 0 and got.stdout == str(lib) and lib.exists(), got.stderr
