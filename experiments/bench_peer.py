@@ -1,7 +1,8 @@
 """Side-by-side peer benchmark (issue #19): the same training steps in attn and in a peer library.
 
     ./launch.sh bench --vs x-transformers [--workload w1 w1-mixed w2] [--variants none rope ...]
-                      [--repeats 3] [--steps K] [--smoke]
+                      [--repeats 3] [--steps K] [--smoke] [--dtype float32|bfloat16]
+                      [--peer-malloc same|system]
     python -m experiments.bench_peer --vs x-transformers ...   (what launch.sh runs for --vs)
 
 The peer gets its own virtual environment, built on first use in .peer/<peer>/ (git-ignored;
@@ -27,7 +28,10 @@ and compiled once with `dynamic=True` (a symbolic length). `w2`: bench.py's w2 d
 (4 layers, d_model 256, 4 heads, MLP 1024, vocab 256, pre-LN), batch 16 x 256 tokens, also as
 MFU against this run's float32 matmul peak (bench.py `peak`). Encodings both sides have: none,
 sinusoidal, learned, rope, alibi, t5. Threads: torch.set_num_threads = the cores XLA uses;
-the peer runs with OMP_WAIT_POLICY=PASSIVE unless set (see `run`).
+the peer runs with OMP_WAIT_POLICY=PASSIVE unless set (see `run`), and with attn's allocator
+(launch.sh's jemalloc preload) unless `--peer-malloc system`. `--dtype bfloat16`: attn's
+model.dtype=bfloat16 against torch's CPU autocast (both keep float32 parameters and Adam;
+MFU stays against the float32 peak).
 
 What x-transformers 2.31.10 does differently: LayerNorm with a gain and no bias, an output
 head without bias (hence fewer parameters; both counts are reported), a learned scale on the

@@ -17,8 +17,8 @@ Length buckets: T is rounded up to the next of 16, 24, 32, 48, 64, 96, 128, 192,
 of a batch and the Deletang range n = 1..40 (T up to 81 in the encoder layout, 121 for
 duplicate_string) compiles at most 7 shapes. Training batches cut the bucket at the longest
 real length the run trains on (`Task.train_cap`): parity_check at n = 40 trains at T = 41,
-not 48 (10 % faster steps on a 2-core Xeon, README Performance). `padded_length(task,
-layout, n, train)` is the one function that says how long a batch of nominal length n is.
+not 48 (README Performance has the speed-up). `padded_length(task, layout, n, train)` is the
+one function that says how long a batch of nominal length n is.
 """
 
 import numpy as np
