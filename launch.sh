@@ -215,8 +215,7 @@ run_py() {
 # caller already chose a value.
 # jemalloc (default where found; ATTN_MALLOC=auto) is preloaded with freed pages kept (no
 # decay, huge pages): XLA's per-step temp buffer is then reused, not mapped again (README,
-# Performance: w1 8.3-8.8 -> 10.0-10.2 steps/s and 36-48 -> 3-12 ms kernel time a step on a
-# 2-core Xeon). Looked up in ATTN_JEMALLOC_LIB, the system's library directories, then
+# Performance, has the measurements). Looked up in ATTN_JEMALLOC_LIB, the system's library directories, then
 # .venv/jemalloc (Debian's libjemalloc2 unpacked there at set-up without root: `fetch_jemalloc`).
 # ATTN_MALLOC=glibc keeps glibc; ATTN_MALLOC=jemalloc insists (one line and exit 2 without it).
 JEMALLOC_CONF="thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"

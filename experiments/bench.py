@@ -122,11 +122,17 @@ MATERIALISED_COPIES = 3  # logits, probabilities and a mask or bias of the same 
 # ----------------------------------------------------------------------------- reporting
 
 
+def malloc_name(env=None) -> str:
+    """The allocator launch.sh chose for a process with this environment (default: ours)."""
+    env = os.environ if env is None else env
+    return "jemalloc" if "libjemalloc" in env.get("LD_PRELOAD", "") else "glibc"
+
+
 def host_notes(report) -> None:
     """A `host` note for each allocator setting of ./launch.sh that this process lacks."""
     if sys.platform != "linux":
         return
-    if "libjemalloc" not in os.environ.get("LD_PRELOAD", ""):
+    if malloc_name() != "jemalloc":
         report.note("host", "malloc", JEMALLOC_HINT)
         if "glibc.malloc.hugetlb=1" not in os.environ.get("GLIBC_TUNABLES", ""):
             report.note("host", "malloc", HUGETLB_HINT)
@@ -155,7 +161,7 @@ def machine() -> dict:
         "devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        "malloc": "jemalloc" if "libjemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
+        "malloc": malloc_name(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

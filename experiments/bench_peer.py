@@ -326,7 +326,9 @@ class AttnSide:
         self.params = sum(int(np.size(x)) for x in jax.tree.leaves(self.state["params"]))
 
     def batch(self, n: int) -> dict:
-        return self.host[n] if n in self.host else self.host.setdefault(n, self.make(n))
+        if n not in self.host:
+            self.host[n] = self.make(n)
+        return self.host[n]
 
     def attn_length(self, n: int) -> int:
         return int(self.batch(n)["inputs"].shape[1])
@@ -444,10 +446,6 @@ def emit(ctx, res: dict) -> None:
         rep.emit(ctx.name, variant, "params", [res["peer_params"]], "count", side=ctx.peer)
 
 
-def malloc_name(env: dict) -> str:
-    return "jemalloc" if "libjemalloc" in env.get("LD_PRELOAD", "") else "glibc"
-
-
 def peer_system_malloc(env: dict) -> dict:
     """The peer's environment without launch.sh's jemalloc preload: the allocator its own users
     get from a plain `python` (`--peer-malloc system`)."""
@@ -484,7 +482,7 @@ def run(ctx, peer_name: str, workloads, encodings) -> list[dict]:
             modes.remove("compile")
             ctx.report.note(ctx.name, "compile", "skipped: no C++ compiler for torch.compile")
         versions = f"torch {info['torch']}, {peer_name} {info['x_transformers']}"
-        omp = f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, malloc {malloc_name(env)}"
+        omp = f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, malloc {bench.malloc_name(env)}"
         ctx.report.note(ctx.name, "versions", f"{versions}, {threads} threads, {omp}")
         bench.peak(ctx)
         for workload in workloads:

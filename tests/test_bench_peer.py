@@ -86,7 +86,7 @@ def test_peer_system_malloc_drops_only_the_jemalloc_preload():
     env = {"LD_PRELOAD": "/x/libjemalloc.so.2:/y/libfoo.so", "MALLOC_CONF": "thp:always", "A": "1"}
     assert bench_peer.peer_system_malloc(env) == {"LD_PRELOAD": "/y/libfoo.so", "A": "1"}
     assert bench_peer.peer_system_malloc({"LD_PRELOAD": "/x/libjemalloc.so.2"}) == {}
-    assert bench_peer.malloc_name(env) == "jemalloc" and bench_peer.malloc_name({}) == "glibc"
+    assert bench.malloc_name(env) == "jemalloc" and bench.malloc_name({}) == "glibc"
 
 
 def test_bfloat16_reaches_both_sides():
